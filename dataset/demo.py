@@ -1,0 +1,74 @@
+"""A small synthetic data set in the UCF layout, deterministic from a seed.
+
+Classes come in pairs that share their appearance and differ only in temporal order: a video of
+class (g, forward) walks through the group's states s_g1 -> s_g2 -> s_g3, one of class
+(g, backward) through s_g3 -> s_g2 -> s_g1. Both spend about a third of the video in each state,
+so their mean-pooled features match in expectation: mean pooling separates the groups, and only a
+model of the frame order separates the two classes of a group. Per-video nuisance (a background
+shared across classes, segment lengths, gain, noise) keeps the task from being trivial. Features
+are ReLU-like: non-negative and sparse.
+"""
+import os
+
+import numpy as np
+
+from dataset.io import write_features, write_labels
+
+STATES_PER_GROUP = 3
+
+
+def _sparse_prototypes(rng, count, dim, active):
+    protos = np.zeros((count, dim), dtype=np.float32)
+    for row in protos:
+        idx = rng.choice(dim, size=active, replace=False)
+        row[idx] = rng.uniform(0.5, 1.5, size=active)
+    return protos
+
+
+def _videos(rng, labels, states, backgrounds, frames, noise):
+    """(n, frames, dim) features for class ids `labels`."""
+    n, dim = len(labels), states.shape[-1]
+    group, backward = labels // 2, labels % 2 == 1
+    # segment boundaries: each of the 3 states gets a random share of the frames (20%-47%)
+    shares = rng.dirichlet(np.full(STATES_PER_GROUP, 8.0), size=n)
+    bounds = np.cumsum(shares, axis=1) * frames                            # (n, 3)
+    t = np.arange(frames) + 0.5
+    state_of_frame = (t[None, :, None] > bounds[:, None, :-1]).sum(-1)     # (n, frames)
+    state_of_frame = np.where(backward[:, None], STATES_PER_GROUP - 1 - state_of_frame,
+                              state_of_frame)
+    content = states[group[:, None], state_of_frame]                       # (n, frames, dim)
+    background = backgrounds[rng.integers(len(backgrounds), size=n)]       # (n, dim)
+    gain = rng.uniform(0.7, 1.3, size=(n, 1, 1))
+    x = gain * content + 0.5 * background[:, None, :]
+    x = x + noise * rng.standard_normal((n, frames, dim))
+    x = np.maximum(x - 0.3, 0.0)                                           # ReLU with a threshold
+    return x.astype(np.float32)
+
+
+def make_demo(out_dir, seed=0, num_classes=20, db_per_class=75, query_per_class=25,
+              frames=25, dim=512, noise=0.35, prefix="demo_"):
+    """Write `{prefix}train_feats.h5`/`labels.mat` (database) and `{prefix}test_*` (queries)."""
+    if num_classes % 2:
+        raise ValueError("num_classes must be even (classes come in forward/backward pairs)")
+    rng = np.random.default_rng(seed)
+    groups = num_classes // 2
+    states = _sparse_prototypes(rng, groups * STATES_PER_GROUP, dim, active=dim // 12)
+    states = states.reshape(groups, STATES_PER_GROUP, dim)
+    backgrounds = _sparse_prototypes(rng, 12, dim, active=dim // 10)
+    for split, per_class in (("train", db_per_class), ("test", query_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
+        feats = _videos(rng, labels, states, backgrounds, frames, noise)
+        onehot = np.eye(num_classes, dtype=np.uint8)[labels]
+        write_features(os.path.join(out_dir, f"{prefix}{split}_feats.h5"), feats)
+        write_labels(os.path.join(out_dir, f"{prefix}{split}_labels.mat"), onehot)
+
+
+def ensure_demo_data(cfg):
+    """Create the demo files on first use (configs whose dataset is 'demo')."""
+    paths = cfg.paths
+    needed = [paths.train_feats, paths.train_labels, paths.query_feats, paths.query_labels]
+    if cfg.dataset != "demo" or all(os.path.isfile(p) for p in needed):
+        return False
+    print(f"Writing the demo data set to {paths.feature_dir} (first use) ...")
+    make_demo(paths.feature_dir, seed=0, frames=cfg.max_frames, dim=cfg.feature_size)
+    return True

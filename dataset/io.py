@@ -1,0 +1,194 @@
+"""Readers and writers for the published feature and label files (SPEC section 2).
+
+Features: HDF5, key `feats`, (N, M, D), any float dtype; read in row chunks and cast to float32,
+so a file larger than memory is never loaded whole. Labels: MATLAB .mat (v5 through scipy.io, v7.3
+through h5py), (N, C) one-hot or multi-hot. Every check raises `DataError` naming the file and key.
+"""
+import os
+
+import h5py
+import numpy as np
+import scipy.io
+
+from utils.fileio import atomic_path
+
+
+class DataError(ValueError):
+    """A feature, label or artifact file that cannot be used as it is."""
+
+
+def _require_file(path, what):
+    if not path:
+        raise DataError(f"no {what} file is configured")
+    if not os.path.isfile(path):
+        raise DataError(f"{what} file not found: {path}")
+
+
+class FeatureFile:
+    """Lazy (N, M, D) view of an HDF5 feature file; rows come out as float32 numpy arrays."""
+
+    def __init__(self, path, key="feats", frames=None, feature_size=None):
+        _require_file(path, "feature")
+        self.path, self.key = path, key
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as err:
+            raise DataError(f"{path}: not a readable HDF5 file ({err})") from None
+        if key not in self._file:
+            keys = list(self._file.keys())
+            self.close()
+            raise DataError(f"{path}: no dataset '{key}' (keys present: {keys})")
+        self._data = self._file[key]
+        shape = self._data.shape
+        problem = None
+        if len(shape) != 3:
+            problem = f"expected rank 3 (N, M, D), got shape {shape}"
+        elif not np.issubdtype(self._data.dtype, np.floating):
+            problem = f"expected a float dtype, got {self._data.dtype}"
+        elif frames is not None and shape[1] != frames:
+            problem = f"expected {frames} frames per video (max_frames), got {shape[1]}"
+        elif feature_size is not None and shape[2] != feature_size:
+            problem = f"expected feature size {feature_size} (feature_size), got {shape[2]}"
+        elif shape[0] == 0:
+            problem = "holds no videos"
+        if problem:
+            self.close()
+            raise DataError(f"{path} ['{key}']: {problem}")
+        self.shape = tuple(shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, rows=None):
+        """(n, M, D) float32 for a slice or sorted/unsorted index array (None: all rows)."""
+        if rows is None:
+            out = self._data[()]
+        elif isinstance(rows, slice):
+            out = self._data[rows]
+        else:
+            # h5py fancy indexing needs increasing unique indices: read those, then reorder
+            unique, inverse = np.unique(np.asarray(rows), return_inverse=True)
+            out = self._data[unique][inverse] if len(unique) else np.empty(
+                (0,) + self.shape[1:], dtype=self._data.dtype)
+        return np.asarray(out, dtype=np.float32)
+
+    def iter_chunks(self, chunk, rows=None):
+        """Yield (row_indices, (n, M, D) float32) over all rows (or `rows`), `chunk` at a time."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        for start in range(0, len(rows), chunk):
+            idx = rows[start:start + chunk]
+            contiguous = len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1)
+            block = self.read(slice(int(idx[0]), int(idx[-1]) + 1)) if contiguous else self.read(idx)
+            yield idx, block
+
+    def close(self):
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_finite(block, path, key="feats", offset=0):
+    """Raise when `block` holds NaN/Inf, with their count and the first video row."""
+    bad = ~np.isfinite(block)
+    if bad.any():
+        videos = np.nonzero(bad.reshape(len(block), -1).any(axis=1))[0]
+        raise DataError(f"{path} ['{key}']: {int(bad.sum())} NaN/Inf values in "
+                        f"{len(videos)} videos (first at row {offset + int(videos[0])})")
+
+
+def read_features(path, key="feats", frames=None, feature_size=None, rows=None, chunk=1024):
+    """Load (n, M, D) float32 features, validated and checked for NaN/Inf."""
+    with FeatureFile(path, key, frames, feature_size) as feats:
+        rows = np.arange(len(feats)) if rows is None else np.asarray(rows)
+        out = np.empty((len(rows),) + feats.shape[1:], dtype=np.float32)
+        done = 0
+        for idx, block in feats.iter_chunks(chunk, rows):
+            check_finite(block, path, key, offset=int(idx[0]))
+            out[done:done + len(block)] = block
+            done += len(block)
+    return out
+
+
+def read_labels(path, key="labels", expected_rows=None):
+    """(N, C) float32 label matrix; rows must be non-empty (each video has a class)."""
+    _require_file(path, "label")
+    if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5; MATLAB stores matrices transposed
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise DataError(f"{path}: no variable '{key}' (variables present: {list(f)})")
+            labels = np.asarray(f[key]).T
+    else:
+        try:
+            contents = scipy.io.loadmat(path)
+        except (ValueError, OSError) as err:
+            raise DataError(f"{path}: not a readable .mat file ({err})") from None
+        if key not in contents:
+            present = [k for k in contents if not k.startswith("__")]
+            raise DataError(f"{path}: no variable '{key}' (variables present: {present})")
+        labels = np.asarray(contents[key])
+    if labels.ndim != 2:
+        raise DataError(f"{path} ['{key}']: expected (N, C) labels, got shape {labels.shape}")
+    labels = labels.astype(np.float32)
+    if not np.isfinite(labels).all():
+        raise DataError(f"{path} ['{key}']: labels hold NaN/Inf")
+    if expected_rows is not None and labels.shape[0] != expected_rows:
+        raise DataError(f"{path} ['{key}']: {labels.shape[0]} label rows, but the features "
+                        f"have {expected_rows} videos")
+    empty = np.nonzero(~(labels > 0).any(axis=1))[0]
+    if len(empty):
+        raise DataError(f"{path} ['{key}']: {len(empty)} empty label rows "
+                        f"(first at row {int(empty[0])}); every video needs a class")
+    return labels
+
+
+def write_features(path, feats, key="feats"):
+    """Write an (N, M, D) array atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(key, data=feats)
+
+
+def write_features_streamed(path, shape, blocks, key="feats", dtype=np.float32):
+    """Write (N, M, D) features from an iterable of (n, M, D) row blocks, atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        data = f.create_dataset(key, shape=shape, dtype=dtype, chunks=(1,) + tuple(shape[1:]))
+        done = 0
+        for block in blocks:
+            data[done:done + len(block)] = block
+            done += len(block)
+        if done != shape[0]:
+            raise DataError(f"{path}: wrote {done} of {shape[0]} videos")
+
+
+def write_matrix(path, key, matrix):
+    """An HDF5 file with one dataset (the artifacts of preprocess.py), written atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(key, data=matrix)
+
+
+def read_matrix(path, key, shape=None, dtype=None):
+    """Read one dataset of an artifact file, checking its shape (None in `shape` = any)."""
+    _require_file(path, "artifact")
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise DataError(f"{path}: no dataset '{key}' (keys present: {list(f)})")
+            value = f[key][()]
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 file ({err})") from None
+    if shape is not None and (len(value.shape) != len(shape) or any(
+            want is not None and want != got for want, got in zip(shape, value.shape))):
+        raise DataError(f"{path} ['{key}']: expected shape {shape}, got {value.shape}")
+    return value if dtype is None else value.astype(dtype)
+
+
+def write_labels(path, labels, key="labels"):
+    """Write an (N, C) label matrix as a MATLAB v5 .mat file, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            scipy.io.savemat(f, {key: np.asarray(labels)})

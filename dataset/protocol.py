@@ -1,0 +1,116 @@
+"""Which videos are trained on, searched and used as queries, per dataset protocol (SPEC 2)."""
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from dataset.io import DataError, FeatureFile, check_finite, read_features, read_labels
+
+PROTOCOLS = ("train_as_database", "separate", "all_vs_all", "holdout")
+
+
+@dataclass
+class VideoSet:
+    """Rows `rows` of the feature file `path`, with their (n, C) labels when known."""
+    name: str
+    path: str
+    key: str
+    rows: np.ndarray
+    labels: Optional[np.ndarray] = None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def subset(self, name, positions):
+        labels = None if self.labels is None else self.labels[positions]
+        return VideoSet(name, self.path, self.key, self.rows[positions], labels)
+
+    def load(self, cfg):
+        """(n, M, D) float32 features, validated against the config."""
+        return read_features(self.path, self.key, cfg.max_frames, cfg.feature_size, self.rows)
+
+    def mean_pooled(self, cfg, chunk=1024):
+        """(n, D) float32 frame means, streamed `chunk` videos at a time (NaN/Inf rejected)."""
+        with FeatureFile(self.path, self.key, cfg.max_frames, cfg.feature_size) as feats:
+            out = np.empty((len(self), feats.shape[2]), dtype=np.float32)
+            done = 0
+            for idx, block in feats.iter_chunks(chunk, self.rows):
+                check_finite(block, self.path, self.key, offset=int(idx[0]))
+                out[done:done + len(block)] = block.mean(axis=1)
+                done += len(block)
+        return out
+
+
+def holdout_split(n, fraction, seed):
+    """Seeded split of range(n) into (kept, held_out) sorted index arrays."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, int(round(fraction * n)))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _labelled_file(cfg, name, feats_path, labels_path, label_key):
+    with FeatureFile(feats_path, cfg.data.feature_key, cfg.max_frames, cfg.feature_size) as f:
+        n = len(f)
+    labels = read_labels(labels_path, label_key, expected_rows=n)
+    return VideoSet(name, feats_path, cfg.data.feature_key, np.arange(n), labels)
+
+
+def _check_protocol(cfg):
+    if cfg.data.protocol not in PROTOCOLS:
+        raise DataError(f"data.protocol must be one of {PROTOCOLS}, got '{cfg.data.protocol}'")
+
+
+def train_set(cfg, with_labels=False):
+    """The videos training (and preprocessing) reads. Labels only when asked (never in training)."""
+    _check_protocol(cfg)
+    p, data = cfg.paths, cfg.data
+    if data.protocol == "holdout":
+        full = _labelled_file(cfg, "train", p.train_feats, p.train_labels, data.train_label_key)
+        kept, _ = holdout_split(len(full), data.holdout_queries, data.holdout_seed)
+        train = full.subset("train", kept)
+    elif with_labels:
+        if not p.train_labels:
+            raise DataError(f"dataset '{cfg.dataset}' has no training labels "
+                            f"(data.train_labels is empty); select='val' needs them")
+        train = _labelled_file(cfg, "train", p.train_feats, p.train_labels, data.train_label_key)
+    else:
+        with FeatureFile(p.train_feats, data.feature_key, cfg.max_frames, cfg.feature_size) as f:
+            train = VideoSet("train", p.train_feats, data.feature_key, np.arange(len(f)))
+    if not with_labels:
+        train.labels = None
+    return train
+
+
+def retrieval_sets(cfg):
+    """(database, queries) VideoSets with labels, per `data.protocol`."""
+    _check_protocol(cfg)
+    p, data = cfg.paths, cfg.data
+    if data.protocol == "holdout":
+        full = _labelled_file(cfg, "database", p.train_feats, p.train_labels, data.train_label_key)
+        kept, held = holdout_split(len(full), data.holdout_queries, data.holdout_seed)
+        return full.subset("database", kept), full.subset("queries", held)
+    if data.protocol == "train_as_database":
+        database = _labelled_file(cfg, "database", p.train_feats, p.train_labels,
+                                  data.train_label_key)
+    else:
+        database = _labelled_file(cfg, "database", p.db_feats, p.db_labels, data.db_label_key)
+    if data.protocol == "all_vs_all":
+        queries = VideoSet("queries", database.path, database.key, database.rows,
+                           database.labels)
+    else:
+        queries = _labelled_file(cfg, "queries", p.query_feats, p.query_labels,
+                                 data.query_label_key)
+    if queries.labels.shape[1] != database.labels.shape[1]:
+        raise DataError(f"{p.query_labels or p.db_labels}: queries have "
+                        f"{queries.labels.shape[1]} label columns, the database "
+                        f"{database.labels.shape[1]}")
+    return database, queries
+
+
+def validation_sets(cfg, fraction, seed):
+    """(database, queries) carved from the labelled training set, for select='val'."""
+    train = train_set(cfg, with_labels=True)
+    kept, held = holdout_split(len(train), fraction, seed)
+    return train.subset("val_database", kept), train.subset("val_queries", held)
