@@ -1,0 +1,91 @@
+"""Plain-PyTorch Mamba mixer vs mamba_ssm.Mamba (CUDA selective scan), same weights, float32.
+
+Compares the forward output and the gradient of every parameter (and of the input) as relative
+errors ||plain - cuda|| / ||cuda||, and times forward+backward of both.
+
+    python -m inference.mamba_parity --frames 25 30 256 2048 --out parity.json
+"""
+import argparse
+import json
+
+import torch
+
+from model.mamba import PlainMamba
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def fwd_bwd(mixer, x, grad_out):
+    x = x.detach().requires_grad_(True)
+    mixer.zero_grad(set_to_none=True)
+    y = mixer(x)
+    y.backward(grad_out)
+    grads = {name: p.grad.detach().clone() for name, p in mixer.named_parameters()}
+    grads["input"] = x.grad.detach().clone()
+    return y.detach(), grads
+
+
+def timed_ms(fn, repeats):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def compare(frames, batch, d_model, repeats, seed=0):
+    from mamba_ssm import Mamba
+    torch.manual_seed(seed)
+    cuda_mixer = Mamba(d_model, d_state=16, d_conv=4, expand=2).cuda()
+    plain = PlainMamba(d_model, d_state=16, d_conv=4, expand=2).cuda()
+    plain.load_state_dict(cuda_mixer.state_dict(), strict=True)
+    x = torch.randn(batch, frames, d_model, device="cuda")
+    grad_out = torch.randn(batch, frames, d_model, device="cuda")
+    y_cuda, g_cuda = fwd_bwd(cuda_mixer, x, grad_out)
+    y_plain, g_plain = fwd_bwd(plain, x, grad_out)
+    errors = {name: relative_error(g_plain[name], g_cuda[name]) for name in g_cuda}
+    return {
+        "frames": frames, "batch": batch, "d_model": d_model,
+        "output_rel_err": relative_error(y_plain, y_cuda),
+        "max_grad_rel_err": max(errors.values()),
+        "grad_rel_err": errors,
+        "cuda_fwd_bwd_ms": timed_ms(lambda: fwd_bwd(cuda_mixer, x, grad_out), repeats),
+        "plain_fwd_bwd_ms": timed_ms(lambda: fwd_bwd(plain, x, grad_out), repeats),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[25, 30, 256, 2048])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False       # parity is judged in true float32
+    torch.backends.cudnn.allow_tf32 = False
+    rows = [compare(m, args.batch, args.d_model, args.repeats) for m in args.frames]
+    print(f"{'M':>6}{'out err':>11}{'max grad err':>14}{'cuda ms':>10}{'plain ms':>10}  ok")
+    for r in rows:
+        ok = max(r["output_rel_err"], r["max_grad_rel_err"]) <= args.tolerance
+        print(f"{r['frames']:>6}{r['output_rel_err']:>11.2e}{r['max_grad_rel_err']:>14.2e}"
+              f"{r['cuda_fwd_bwd_ms']:>10.2f}{r['plain_fwd_bwd_ms']:>10.2f}  {ok}")
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "tolerance": args.tolerance, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""S5VH: bidirectional selective-state-space encoder, hash layer and masked-frame decoder (SPEC 3).
+
+Shape vocabulary: b videos, M frames per video, D frame-feature size, v visible frames of a view,
+m = M - v masked frames, d encoder width, d' decoder width, B code length (`nbits`).
+"""
+import torch
+import torch.nn as nn
+
+from model.mixers import mixer_factory
+from utils.hashing import binarize
+
+VARIANT_DEPTHS = {"mini": 1, "small": 6, "base": 12}
+LN_EPS = 1e-6
+
+
+def sinusoidal_table(length, dim):
+    """(length, dim) fixed position table: sines in the first half, cosines in the second."""
+    half = dim // 2
+    freqs = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float64) / half))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None, :]
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, :half], table[:, half:2 * half] = torch.sin(angles), torch.cos(angles)
+    return table.float()
+
+
+def gather_frames(x, index):
+    """x: (b, M, c), index: (b, k) frame indices -> (b, k, c)."""
+    return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch of whole samples with probability p."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class BidirectionalLayer(nn.Module):
+    """h <- h + DropPath(F(LN1(h)) + flip(G(LN2(flip(h))))), F and G separate mixers.
+
+    share_directions=True reproduces the authors' release, where G is F (one set of weights).
+    """
+
+    def __init__(self, dim, make_mixer, drop_path=0.0, share_directions=False):
+        super().__init__()
+        self.norm_forward = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm_backward = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mixer_forward = make_mixer()
+        self.mixer_backward = None if share_directions else make_mixer()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, h):
+        """h: (b, L, d) -> (b, L, d)."""
+        backward_mixer = self.mixer_backward or self.mixer_forward
+        forward = self.mixer_forward(self.norm_forward(h))
+        backward = backward_mixer(self.norm_backward(h.flip(1))).flip(1)
+        return h + self.drop_path(forward + backward)
+
+
+def _layers(dim, depth, model_cfg, drop_path_max):
+    make_mixer = mixer_factory(model_cfg, dim)
+    rates = torch.linspace(0, drop_path_max, depth).tolist() if depth > 1 else [0.0] * depth
+    return nn.ModuleList(BidirectionalLayer(dim, make_mixer, rate, model_cfg["share_directions"])
+                         for rate in rates)
+
+
+class Encoder(nn.Module):
+    """Frame embedding + positions -> visible frames (time order) -> layers -> LN -> Linear."""
+
+    def __init__(self, feature_size, max_frames, model_cfg):
+        super().__init__()
+        dim = model_cfg["hidden_size"]
+        depth = VARIANT_DEPTHS[model_cfg["variant"]]
+        self.embed = nn.Linear(feature_size, dim)
+        self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
+        self.layers = _layers(dim, depth, model_cfg, model_cfg["drop_path"])
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.head = nn.Linear(dim, dim)
+
+    def forward(self, x, visible=None):
+        """x: (b, M, D), visible: (b, v) sorted frame indices or None (all) -> (b, v, d)."""
+        if visible is None:
+            h = self.embed(x) + self.pos[:x.shape[1]]
+        else:  # embedding is per frame, so embed only the visible frames
+            h = self.embed(gather_frames(x, visible)) + self.pos[visible]
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.norm(h))
+
+
+class SignSTE(torch.autograd.Function):
+    """sign (0 -> +1) forward; hard-tanh gradient backward (1 where |u| < 1, else 0)."""
+
+    @staticmethod
+    def forward(ctx, u):
+        ctx.save_for_backward(u)
+        return binarize(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return grad * (u.abs() < 1).to(grad.dtype)
+
+
+class HashLayer(nn.Module):
+    """u = LN_B(Linear(d -> B)(e)); frame codes b = sign(u) with a straight-through gradient."""
+
+    def __init__(self, dim, nbits):
+        super().__init__()
+        self.proj = nn.Linear(dim, nbits)
+        self.norm = nn.LayerNorm(nbits, eps=LN_EPS)
+
+    def forward(self, e):
+        """e: (b, v, d) -> frame codes (b, v, B) in {-1, +1}."""
+        return SignSTE.apply(self.norm(self.proj(e)))
+
+
+class Decoder(nn.Module):
+    """Visible frame codes + mask tokens -> one bidirectional layer -> predicted masked features."""
+
+    def __init__(self, nbits, feature_size, max_frames, model_cfg):
+        super().__init__()
+        dim = model_cfg["decoder_hidden_size"]
+        if model_cfg["decoder_order"] not in ("visible_first", "time"):
+            raise ValueError("model.decoder_order must be 'visible_first' or 'time', got "
+                             f"'{model_cfg['decoder_order']}'")
+        self.order = model_cfg["decoder_order"]
+        self.proj = nn.Linear(nbits, dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
+        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, 0.0)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.predict = nn.Linear(dim, feature_size)
+
+    def forward(self, codes, visible, masked):
+        """codes: (b, v, B); visible: (b, v), masked: (b, m) sorted -> (b, m, D)."""
+        tokens_visible = self.proj(codes) + self.pos[visible]                   # (b, v, d')
+        tokens_masked = self.mask_token + self.pos[masked]                      # (b, m, d')
+        num_masked = masked.shape[1]
+        if self.order == "visible_first":  # MAE-style: visible tokens, then the mask tokens
+            h = torch.cat([tokens_visible, tokens_masked], dim=1)
+        else:                              # every token at its frame's time position
+            order = torch.cat([visible, masked], dim=1).argsort(dim=1)
+            h = gather_frames(torch.cat([tokens_visible, tokens_masked], dim=1), order)
+        for layer in self.layers:
+            h = layer(h)
+        h = self.norm(h)
+        if self.order == "visible_first":
+            h = h[:, -num_masked:]
+        else:
+            h = gather_frames(h, masked)
+        return self.predict(h)
+
+
+class S5VH(nn.Module):
+    """Encoder + hash layer (+ decoder for training). `forward` is pure: no state is updated."""
+
+    def __init__(self, feature_size, max_frames, nbits, model_cfg):
+        super().__init__()
+        if model_cfg["variant"] not in VARIANT_DEPTHS:
+            raise ValueError(f"model.variant must be one of {sorted(VARIANT_DEPTHS)}, "
+                             f"got '{model_cfg['variant']}'")
+        self.nbits, self.max_frames = nbits, max_frames
+        self.encoder = Encoder(feature_size, max_frames, model_cfg)
+        self.decoder = Decoder(nbits, feature_size, max_frames, model_cfg)
+        self._init_weights()
+        self.hash_layer = HashLayer(model_cfg["hidden_size"], nbits)   # PyTorch's default init
+
+    def _init_weights(self):
+        """Xavier-uniform weights and zero biases for every Linear in the encoder and decoder
+        (the mixers' projections too, so dt_proj.bias starts at 0); LayerNorms 1 and 0. The
+        decoder's code projection keeps PyTorch's default init."""
+        keep_default = {self.decoder.proj}
+        for module in list(self.encoder.modules()) + list(self.decoder.modules()):
+            if isinstance(module, nn.Linear) and module not in keep_default:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def frame_codes(self, x, visible=None):
+        """x: (b, M, D), visible: (b, v) or None -> frame codes (b, v, B) in {-1, +1}."""
+        return self.hash_layer(self.encoder(x, visible))
+
+    def forward(self, x, visible, masked):
+        """One masked view per row. x: (b, M, D); visible (b, v), masked (b, m) sorted indices.
+
+        Returns frame_codes (b, v, B), video_code (b, B) = mean of the visible frame codes
+        (real-valued, in [-1, 1]), and reconstruction (b, m, D) of the masked frames.
+        """
+        codes = self.frame_codes(x, visible)
+        return {"frame_codes": codes, "video_code": codes.mean(1),
+                "reconstruction": self.decoder(codes, visible, masked)}
+
+    @torch.no_grad()
+    def encode(self, x):
+        """x: (b, M, D) -> (b, B) ±1 video codes: sign of the mean code of all M frames."""
+        return binarize(self.frame_codes(x).mean(1))
+
+
+def build_model(cfg):
+    """The S5VH model of a resolved config."""
+    return S5VH(cfg.feature_size, cfg.max_frames, cfg.nbits, cfg.model)

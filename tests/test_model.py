@@ -1,0 +1,206 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.mamba import PlainMamba, selective_scan_ref
+from model.mixers import MIXERS
+from model.s5vh import VARIANT_DEPTHS, SignSTE, build_model, sinusoidal_table
+from tests.conftest import DEMO_CONFIG
+from utils.config import build_config
+from utils.hashing import binarize
+
+FRAMES, DIM = 12, 40
+
+
+def small_cfg(*overrides, nbits=16):
+    return build_config(DEMO_CONFIG, [f"feature_size={DIM}", f"max_frames={FRAMES}",
+                                      f"nbits={nbits}", "model.hidden_size=32",
+                                      "model.decoder_hidden_size=24", "model.variant='mini'",
+                                      "model.mamba_impl='plain'", *overrides])
+
+
+def views(b, frames=FRAMES, visible=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(frames, generator=gen) for _ in range(b)])
+    return perm[:, :visible].sort(1).values, perm[:, visible:].sort(1).values
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("variant", sorted(VARIANT_DEPTHS))
+def test_shapes_and_codes(mixer, variant):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(f"model.mixer={mixer!r}", f"model.variant={variant!r}"))
+    assert len(model.encoder.layers) == VARIANT_DEPTHS[variant] and len(model.decoder.layers) == 1
+    x = torch.rand(3, FRAMES, DIM)
+    vis, msk = views(3)
+    out = model(x, vis, msk)
+    assert out["frame_codes"].shape == (3, 6, 16) and out["video_code"].shape == (3, 16)
+    assert out["reconstruction"].shape == (3, FRAMES - 6, DIM)
+    assert set(out["frame_codes"].unique().tolist()) <= {-1.0, 1.0}
+    codes = model.encode(x)
+    assert codes.shape == (3, 16) and set(codes.unique().tolist()) <= {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("share", [False, True])
+def test_every_parameter_gets_a_gradient(mixer, share):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(f"model.mixer={mixer!r}", f"model.share_directions={share}",
+                                  "model.variant='small'", "model.drop_path=0.0"))
+    x = torch.rand(4, FRAMES, DIM)
+    vis, msk = views(4)
+    out = model(x, vis, msk)
+    (out["reconstruction"].pow(2).mean() + out["video_code"].pow(2).sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert missing == []
+    has_backward = any("mixer_backward" in n for n, _ in model.named_parameters())
+    assert has_backward is not share
+
+
+def test_selective_scan_equals_stepwise_recurrence_float64():
+    gen = torch.Generator().manual_seed(0)
+    b, E, N, L = 2, 3, 4, 7
+    u, delta, z = (torch.randn(b, E, L, generator=gen, dtype=torch.float64) for _ in range(3))
+    A = -torch.rand(E, N, generator=gen, dtype=torch.float64) * 2
+    B, C = (torch.randn(b, N, L, generator=gen, dtype=torch.float64) for _ in range(2))
+    D, bias = torch.randn(E, generator=gen, dtype=torch.float64), torch.randn(E, generator=gen,
+                                                                              dtype=torch.float64)
+    got = selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=bias)
+    assert got.dtype == torch.float64
+    expected = torch.zeros(b, E, L, dtype=torch.float64)
+    for i in range(b):
+        for e in range(E):
+            dt_all = [math.log1p(math.exp(float(delta[i, e, t] + bias[e]))) for t in range(L)]
+            for n in range(N):
+                h = 0.0
+                for t in range(L):
+                    h = math.exp(dt_all[t] * float(A[e, n])) * h + dt_all[t] * float(B[i, n, t]) * float(u[i, e, t])
+                    expected[i, e, t] += h * float(C[i, n, t])
+            for t in range(L):
+                zt = float(z[i, e, t])
+                expected[i, e, t] = (expected[i, e, t] + float(D[e]) * float(u[i, e, t])) * zt / (1 + math.exp(-zt))
+    assert torch.allclose(got, expected, atol=1e-10, rtol=0)
+
+
+def test_plain_mamba_has_mamba_ssm_parameters():
+    mixer = PlainMamba(32)
+    shapes = {n: tuple(p.shape) for n, p in mixer.named_parameters()}
+    assert shapes == {"A_log": (64, 16), "D": (64,), "in_proj.weight": (128, 32),
+                      "conv1d.weight": (64, 1, 4), "conv1d.bias": (64,),
+                      "x_proj.weight": (34, 64), "dt_proj.weight": (64, 2),
+                      "dt_proj.bias": (64,), "out_proj.weight": (32, 64)}
+    assert torch.allclose(mixer.A_log[0].exp(), torch.arange(1.0, 17.0))
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-3 - 1e-6 and dt.max() <= 0.1 + 1e-6
+
+
+def test_plain_mamba_is_causal():
+    torch.manual_seed(0)
+    mixer = PlainMamba(16)
+    x = torch.randn(2, 9, 16)
+    y = mixer(x)
+    x2 = x.clone()
+    x2[:, 5:] += 1.0
+    y2 = mixer(x2)
+    assert torch.allclose(y[:, :5], y2[:, :5], atol=1e-6) and not torch.allclose(y[:, 5:], y2[:, 5:])
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_batch_independence(mixer):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(f"model.mixer={mixer!r}")).eval()
+    x = torch.rand(5, FRAMES, DIM)
+    vis, msk = views(5)
+    together = model(x, vis, msk)
+    alone = model(x[2:3], vis[2:3], msk[2:3])
+    for key in together:
+        assert torch.allclose(together[key][2:3], alone[key], atol=1e-5)
+
+
+def _encoder_output(model, x):
+    return model.encoder(x)
+
+
+def test_backward_mixer_sees_the_future():
+    """With F causal, zeroing G's output projection makes the encoder causal; with G it is not."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg("model.variant='small'")).eval()
+    x = torch.rand(2, FRAMES, DIM)
+    future = x.clone()
+    future[:, -1] += 1.0
+    changed = (_encoder_output(model, future) - _encoder_output(model, x)).abs().amax(-1)
+    assert changed[:, 0].min() > 1e-6                                   # G carries the future back
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.mixer_backward.out_proj.weight.zero_()
+    changed = (_encoder_output(model, future) - _encoder_output(model, x)).abs().amax(-1)
+    assert changed[:, :-1].max() == 0 and changed[:, -1].min() > 1e-4
+
+
+def test_shared_directions_use_one_mixer():
+    torch.manual_seed(0)
+    model = build_model(small_cfg("model.share_directions=True")).eval()
+    layer = model.encoder.layers[0]
+    h = torch.randn(2, FRAMES, 32)
+    expected = h + layer.mixer_forward(layer.norm_forward(h)) + \
+        layer.mixer_forward(layer.norm_backward(h.flip(1))).flip(1)
+    assert torch.allclose(layer(h), expected, atol=1e-6)
+
+
+def test_initialisation():
+    torch.manual_seed(0)
+    model = build_model(small_cfg())
+    mixer = model.encoder.layers[0].mixer_forward
+    assert torch.equal(mixer.dt_proj.bias, torch.zeros_like(mixer.dt_proj.bias))
+    assert torch.equal(model.encoder.embed.bias, torch.zeros(32))
+    bound = math.sqrt(6 / (DIM + 32))
+    assert model.encoder.embed.weight.abs().max() <= bound
+    assert model.hash_layer.proj.bias.abs().sum() > 0               # PyTorch default init kept
+    assert model.decoder.mask_token.std() < 0.05
+
+
+def test_sign_ste_forward_and_hardtanh_gradient():
+    u = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.0, 1.5], requires_grad=True)
+    b = SignSTE.apply(u)
+    assert b.tolist() == [-1, -1, 1, 1, 1, 1]
+    b.backward(torch.arange(1.0, 7.0))
+    assert u.grad.tolist() == [0, 2, 3, 4, 0, 0]
+    assert binarize(torch.zeros(3)).tolist() == [1, 1, 1]
+
+
+def test_video_code_of_even_frame_count_has_no_zero_bits():
+    torch.manual_seed(0)
+    model = build_model(small_cfg("max_frames=2"))
+    x = torch.rand(64, 2, DIM)
+    frame_means = model.frame_codes(x).mean(1)
+    codes = model.encode(x)
+    assert (frame_means == 0).any()                     # ties do occur with two frames
+    assert torch.equal(codes[frame_means == 0], torch.ones_like(codes[frame_means == 0]))
+
+
+def test_decoder_order_changes_the_input_sequence():
+    torch.manual_seed(0)
+    a = build_model(small_cfg()).eval()
+    b = build_model(small_cfg("model.decoder_order='time'")).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(2, FRAMES, DIM)
+    vis, msk = views(2)
+    ra, rb = a(x, vis, msk)["reconstruction"], b(x, vis, msk)["reconstruction"]
+    assert ra.shape == rb.shape and not torch.allclose(ra, rb)
+
+
+def test_state_dict_round_trip_between_configurations():
+    torch.manual_seed(0)
+    source = build_model(small_cfg("model.mamba_impl='plain'")).eval()
+    target = build_model(small_cfg("model.mamba_impl='auto'", "model.decoder_order='time'"))
+    target.load_state_dict(source.state_dict(), strict=True)
+    target.eval()
+    x = torch.rand(3, FRAMES, DIM)
+    assert torch.equal(source.encode(x), target.encode(x))
+
+
+def test_position_table():
+    table = sinusoidal_table(10, 8)
+    assert table.shape == (10, 8) and torch.allclose(table[0], torch.tensor([0.0] * 4 + [1.0] * 4))
