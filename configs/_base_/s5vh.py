@@ -44,7 +44,6 @@ preprocess = dict(
     center_max_iter=400,       # ADMM iterations per center and sweep
     center_sweeps=10,
     chunk_videos=1024,         # videos per read when mean-pooling the features
-    write_similarity=False,    # the release's N x N similarity matrix, unused by S5VH
     artifacts=dict(
         latent_feats="final_train_latent_feats.h5",
         anchors="final_train_anchors.h5",
@@ -52,7 +51,6 @@ preprocess = dict(
         semantic="semantic.h5",
         hash_center="hash_center_{nbits}.h5",
         center_report="hash_center_{nbits}_report.json",
-        similarity="final_train_similarity.h5",
     ),
 )
 

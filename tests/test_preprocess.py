@@ -1,0 +1,144 @@
+import os
+
+import numpy as np
+import pytest
+
+import preprocess as preprocess_script
+from dataset.io import DataError, read_matrix, write_features, write_labels
+from dataset.preprocessing import ensure_preprocessed, load_artifacts, missing_artifacts
+from optim.hash_centers import (center_quality, hamming_matrix, initial_centers, min_distance,
+                                optimize_centers, refine_center)
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("nclusters, expected", [(100, (4, 10, 24)), (101, (4, 10, 24)),
+                                                 (450, (4, 9, 22))])
+def test_min_distance_table(nclusters, expected):
+    assert tuple(min_distance(b, nclusters) for b in (16, 32, 64)) == expected
+
+
+def test_hadamard_initialisation():
+    centers = initial_centers(40, 16, seed=0)
+    assert centers.shape == (40, 16) and set(np.unique(centers)) == {-1.0, 1.0}
+    dist = hamming_matrix(centers[:32])
+    off = dist[~np.eye(32, dtype=bool)]
+    assert set(np.unique(off)) == {8.0, 16.0}                        # orthogonal or antipodal
+    extra = centers[32:]
+    assert (extra.sum(1) == 0).all()                                 # balanced random rows
+    assert np.array_equal(initial_centers(40, 16, seed=0), centers)  # seeded
+    with pytest.raises(ValueError, match="power of two.*center_init='random'"):
+        initial_centers(10, 24)
+    rand = initial_centers(10, 24, method="random")
+    assert (rand.sum(1) == 0).all() and hamming_matrix(rand)[~np.eye(10, dtype=bool)].min() > 6
+
+
+@pytest.mark.parametrize("nclusters, nbits", [(8, 16), (20, 16), (30, 32)])
+def test_optimised_centers_keep_the_distance_constraint(nclusters, nbits):
+    rng = np.random.default_rng(nclusters)
+    semantic = rng.standard_normal((nclusters, 24))
+    semantic /= np.linalg.norm(semantic, axis=1, keepdims=True)
+    centers, report = optimize_centers(semantic, nbits, seed=0, sweeps=4)
+    dmin = min_distance(nbits, nclusters)
+    assert set(np.unique(centers)) == {-1.0, 1.0}
+    assert hamming_matrix(centers)[~np.eye(nclusters, dtype=bool)].min() >= dmin
+    assert report["result"]["all_pairs_at_least_required"]
+    assert report["result"]["semantic_correlation"] > report["init"]["semantic_correlation"]
+    again, _ = optimize_centers(semantic, nbits, seed=0, sweeps=4)
+    assert np.array_equal(again, centers)
+
+
+def test_refine_center_follows_semantic_targets():
+    """With one feasible region, the ADMM result is at least dmin away and ranks like s."""
+    others = initial_centers(8, 16, seed=0)[1:]
+    targets = np.linspace(-16, 16, 7)
+    center = refine_center(initial_centers(8, 16)[0], others, targets, dmin=4)
+    inner = others @ center
+    assert ((16 - inner) / 2).min() >= 4
+    assert np.corrcoef(inner, targets)[0, 1] > 0.5
+
+
+def test_quality_report_fields():
+    centers = initial_centers(8, 16)
+    q = center_quality(centers, np.eye(8), 4)
+    assert q["min_hamming"] == 8 and q["all_pairs_at_least_required"]
+    assert set(q) == {"min_hamming", "mean_hamming", "required_min_distance",
+                      "all_pairs_at_least_required", "semantic_correlation", "sweep_objective"}
+
+
+INPUT_FILES = ["demo_test_feats.h5", "demo_test_labels.mat", "demo_train_feats.h5",
+               "demo_train_labels.mat"]
+
+
+def _clustered_data(tmp_path, n=120, classes=6, frames=25, dim=512):
+    root = tmp_path / "demo"
+    rng = np.random.default_rng(0)
+    labels = rng.integers(classes, size=n)
+    protos = rng.random((classes, dim)) * 3
+    feats = protos[labels][:, None, :] + rng.random((n, frames, dim))
+    write_features(str(root / "demo_train_feats.h5"), feats.astype(np.float16))
+    write_labels(str(root / "demo_train_labels.mat"), np.eye(classes)[labels])
+    write_features(str(root / "demo_test_feats.h5"), feats[:10].astype(np.float16))
+    write_labels(str(root / "demo_test_labels.mat"), np.eye(classes)[labels[:10]])
+    return feats
+
+
+def test_preprocess_artifacts_are_consistent(tmp_path):
+    _clustered_data(tmp_path)
+    cfg = tiny_config(tmp_path, "nbits=16", "preprocess.nclusters=6",
+                      "preprocess.latent_dim_pca=32", "preprocess.chunk_videos=7")
+    assert len(missing_artifacts(cfg)) == 5
+    preprocess_script.main(["--config", cfg_path(), "--cfg-options", *cfg_items(tmp_path)])
+    p = cfg.paths
+    latent = read_matrix(p.latent_feats, "feats", shape=(120, 32))
+    anchors = read_matrix(p.anchors, "feats", shape=(6, 32))
+    nearest = read_matrix(p.nearest, "pos", shape=(120, 3))
+    semantic = read_matrix(p.semantic, "matrix", shape=(6, 32))
+    centers = read_matrix(p.hash_center, "matrix", shape=(6, 16))
+    dist = ((latent[:, None, :] - anchors[None]) ** 2).sum(-1)
+    assert np.array_equal(nearest, np.argsort(dist, axis=1, kind="stable")[:, :3])
+    assert np.allclose(semantic, anchors / np.linalg.norm(anchors, axis=1, keepdims=True), atol=1e-6)
+    # hash center k is optimised from semantic center k, the cluster of pseudo-label k
+    expected, _ = optimize_centers(semantic.astype(np.float64), 16, seed=cfg.seed)
+    assert np.array_equal(centers, expected)
+    labels, loaded = load_artifacts(cfg, 120)
+    assert np.array_equal(labels, nearest[:, 0]) and np.array_equal(loaded, centers)
+    assert os.path.isfile(p.center_report) and missing_artifacts(cfg) == []
+    # another code length only needs new centers, from the same semantic centers
+    cfg32 = tiny_config(tmp_path, "nbits=32", "preprocess.nclusters=6",
+                        "preprocess.latent_dim_pca=32")
+    assert missing_artifacts(cfg32) == ["hash_center"]
+    assert ensure_preprocessed(cfg32, log=lambda msg: None)
+    assert read_matrix(cfg32.paths.hash_center, "matrix").shape == (6, 32)
+    assert np.array_equal(read_matrix(p.semantic, "matrix"), semantic)
+
+
+def cfg_path():
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "S5VH", "demo.py")
+
+
+def cfg_items(tmp_path):
+    return [f"data_root={str(tmp_path)!r}", "nbits=16", "preprocess.nclusters=6",
+            "preprocess.latent_dim_pca=32", "preprocess.chunk_videos=7"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["preprocess.nclusters=500"], "nclusters=500 is larger than the number of training videos"),
+    (["preprocess.latent_dim_pca=200"], r"latent_dim_pca=200 must be at most .* min\(120, 512\)"),
+    (["nbits=24"], "power of two"),
+])
+def test_preprocess_errors_leave_no_artifacts(tmp_path, overrides, message):
+    _clustered_data(tmp_path)
+    items = [f"data_root={str(tmp_path)!r}", "preprocess.nclusters=6",
+             "preprocess.latent_dim_pca=32", *overrides]
+    with pytest.raises((DataError, ValueError), match=message):
+        preprocess_script.main(["--config", cfg_path(), "--cfg-options", *items])
+    assert sorted(os.listdir(tmp_path / "demo")) == INPUT_FILES
+
+
+def test_nan_features_stop_preprocessing(tmp_path):
+    feats = _clustered_data(tmp_path)
+    feats[5, 3, 7] = np.nan
+    write_features(str(tmp_path / "demo" / "demo_train_feats.h5"), feats.astype(np.float32))
+    with pytest.raises(DataError, match=r"1 NaN/Inf values in 1 videos \(first at row 5\)"):
+        preprocess_script.main(["--config", cfg_path(), "--cfg-options", *cfg_items(tmp_path)])
+    assert sorted(os.listdir(tmp_path / "demo")) == INPUT_FILES
