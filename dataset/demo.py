@@ -5,7 +5,7 @@ class (g, forward) walks through the group's states s_g1 -> s_g2 -> s_g3, one of
 (g, backward) through s_g3 -> s_g2 -> s_g1. Both spend about a third of the video in each state,
 so their mean-pooled features match in expectation: mean pooling separates the groups, and only a
 model of the frame order separates the two classes of a group. Per-video nuisance (a background
-shared across classes, segment lengths, gain, noise) keeps the task from being trivial. Features
+of its own, segment lengths, gain, noise) keeps the task from being trivial. Features
 are ReLU-like: non-negative and sparse.
 """
 import os
@@ -25,7 +25,7 @@ def _sparse_prototypes(rng, count, dim, active):
     return protos
 
 
-def _videos(rng, labels, states, backgrounds, frames, noise):
+def _videos(rng, labels, states, frames, noise):
     """(n, frames, dim) features for class ids `labels`."""
     n, dim = len(labels), states.shape[-1]
     group, backward = labels // 2, labels % 2 == 1
@@ -37,9 +37,9 @@ def _videos(rng, labels, states, backgrounds, frames, noise):
     state_of_frame = np.where(backward[:, None], STATES_PER_GROUP - 1 - state_of_frame,
                               state_of_frame)
     content = states[group[:, None], state_of_frame]                       # (n, frames, dim)
-    background = backgrounds[rng.integers(len(backgrounds), size=n)]       # (n, dim)
+    background = _sparse_prototypes(rng, n, dim, active=dim // 10)        # (n, dim)
     gain = rng.uniform(0.7, 1.3, size=(n, 1, 1))
-    x = gain * content + 0.5 * background[:, None, :]
+    x = gain * content + 0.2 * background[:, None, :]
     x = x + noise * rng.standard_normal((n, frames, dim))
     x = np.maximum(x - 0.3, 0.0)                                           # ReLU with a threshold
     return x.astype(np.float32)
@@ -54,10 +54,9 @@ def make_demo(out_dir, seed=0, num_classes=20, db_per_class=75, query_per_class=
     groups = num_classes // 2
     states = _sparse_prototypes(rng, groups * STATES_PER_GROUP, dim, active=dim // 12)
     states = states.reshape(groups, STATES_PER_GROUP, dim)
-    backgrounds = _sparse_prototypes(rng, 12, dim, active=dim // 10)
     for split, per_class in (("train", db_per_class), ("test", query_per_class)):
         labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
-        feats = _videos(rng, labels, states, backgrounds, frames, noise)
+        feats = _videos(rng, labels, states, frames, noise)
         onehot = np.eye(num_classes, dtype=np.uint8)[labels]
         write_features(os.path.join(out_dir, f"{prefix}{split}_feats.h5"), feats)
         write_labels(os.path.join(out_dir, f"{prefix}{split}_labels.mat"), onehot)

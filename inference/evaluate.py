@@ -47,11 +47,11 @@ def evaluate_baselines(cfg, methods, bits):
 
 def format_table(rows, topk):
     """Plain-text mAP@K table, one row per (method, nbits)."""
-    header = f"{'method':<10}{'bits':>5}" + "".join(f"{'mAP@' + str(k):>9}" for k in topk)
+    header = f"{'method':<13}{'bits':>5}" + "".join(f"{'mAP@' + str(k):>9}" for k in topk)
     lines = [header, "-" * len(header)]
     for row in rows:
         values = "".join(f"{row['mAP'][k]:>9.4f}" for k in topk)
-        lines.append(f"{row['method']:<10}{row['nbits']:>5}{values}")
+        lines.append(f"{row['method']:<13}{row['nbits']:>5}{values}")
     return "\n".join(lines)
 
 

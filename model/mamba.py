@@ -34,14 +34,17 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
         delta = delta + delta_bias.to(compute)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    decay = torch.exp(torch.einsum("bel,en->blen", delta, A))                 # (b, L, E, N)
-    drive = torch.einsum("bel,bnl->blen", delta * u, B)                       # (b, L, E, N)
-    state = torch.zeros_like(decay[:, 0])                                     # (b, E, N)
+    # time-major and unbound once: indexing inside the loop would make autograd write a full
+    # zero tensor per step in the backward pass
+    decay = torch.exp(torch.einsum("bel,en->lben", delta, A)).unbind(0)      # L x (b, E, N)
+    drive = torch.einsum("bel,bnl->lben", delta * u, B).unbind(0)             # L x (b, E, N)
+    readout = C.permute(2, 0, 1).unsqueeze(-1).unbind(0)                      # L x (b, N, 1)
+    state = torch.zeros_like(decay[0])                                        # (b, E, N)
     outputs = []
-    for t in range(u.shape[-1]):
-        state = decay[:, t] * state + drive[:, t]
-        outputs.append(torch.einsum("ben,bn->be", state, C[:, :, t]))
-    y = torch.stack(outputs, dim=-1) + D.to(compute)[:, None] * u             # (b, E, L)
+    for decay_t, drive_t, readout_t in zip(decay, drive, readout):
+        state = decay_t * state + drive_t
+        outputs.append(torch.bmm(state, readout_t))                           # (b, E, 1)
+    y = torch.cat(outputs, dim=-1) + D.to(compute)[:, None] * u               # (b, E, L)
     if z is not None:
         y = y * F.silu(z.to(compute))
     return y.to(dtype)

@@ -1,0 +1,120 @@
+"""S5VH training signals (SPEC 5): self (masked reconstruction), local (debiased contrastive),
+global (center alignment with soft pseudo-labels), and the label table they share.
+
+Shapes: b videos per batch, B bits, K clusters, m masked frames, D feature size.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def reconstruction_loss(prediction, target):
+    """Mean squared error over the masked frames' features of one view: (b, m, D) each."""
+    return F.mse_loss(prediction, target)
+
+
+def debiased_contrastive_loss(z1, z2, temperature, tau_plus):
+    """Debiased contrastive loss (Chuang et al., 2020) between two views' codes, (b, B) each.
+
+    For each of the 2b anchors, the positive is the other view of the same video and the 2b - 2
+    remaining codes are negatives; the negative term is debiased and clamped from below:
+    Ng = max((neg - tau_plus * N * pos) / (1 - tau_plus), N * e^{-1/t}), N = 2b - 2.
+    """
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)                                   # (2b, B)
+    sim = torch.exp(z @ z.T / temperature)                                        # (2b, 2b)
+    index = torch.arange(2 * b, device=z.device)
+    partner = (index + b) % (2 * b)
+    pos = sim[index, partner]                                                     # (2b,)
+    negatives = torch.ones_like(sim, dtype=torch.bool)
+    negatives[index, index] = False
+    negatives[index, partner] = False
+    neg = (sim * negatives).sum(1)
+    count = 2 * b - 2
+    ng = (neg - tau_plus * count * pos) / (1 - tau_plus)
+    ng = torch.clamp(ng, min=count * math.exp(-1 / temperature))
+    return -torch.log(pos / (pos + ng)).mean()
+
+
+def soft_cross_entropy(logits, targets):
+    """Cross-entropy against soft targets: mean over rows of -sum_k y_k log softmax(logits)_k."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+class CenterLogits(nn.Module):
+    """Logits of a video code against the K clusters.
+
+    Default (the paper): logits_k = <b, c_k> / (B * tau_c) with the fixed hash centers c_k.
+    trainable=True (the authors' release): a randomly initialised, trainable Linear(B -> K), whose
+    output is used as the logits.
+    """
+
+    def __init__(self, centers, temperature, trainable=False):
+        super().__init__()
+        num_clusters, nbits = centers.shape
+        self.scale = 1.0 / (nbits * temperature)
+        self.register_buffer("centers", torch.as_tensor(centers, dtype=torch.float32))
+        self.classifier = nn.Linear(nbits, num_clusters) if trainable else None
+
+    def forward(self, code):
+        """code: (b, B) -> (b, K)."""
+        if self.classifier is not None:
+            return self.classifier(code)
+        return code @ self.centers.T * self.scale
+
+
+class S5VHLoss(nn.Module):
+    """L = sum_views L_rec + alpha * L_con + a_c * mean_views L_CA."""
+
+    def __init__(self, centers, train_cfg):
+        super().__init__()
+        self.center_logits = CenterLogits(centers, train_cfg["temperature_cluster"],
+                                          train_cfg["trainable_centers"])
+        self.alpha, self.a_cluster = train_cfg["alpha"], train_cfg["a_cluster"]
+        self.temperature, self.tau_plus = train_cfg["temperature"], train_cfg["tau_plus"]
+
+    def forward(self, outputs, targets, soft_labels):
+        """outputs: the model's dict for 2b rows (view 1, then view 2); targets: (2b, m, D) masked
+        features; soft_labels: (b, K). Returns (total, {'rec', 'con', 'ca'})."""
+        b = soft_labels.shape[0]
+        pred, code = outputs["reconstruction"], outputs["video_code"]
+        rec = reconstruction_loss(pred[:b], targets[:b]) + reconstruction_loss(pred[b:], targets[b:])
+        con = debiased_contrastive_loss(code[:b], code[b:], self.temperature, self.tau_plus)
+        logits = self.center_logits(code)
+        ca = 0.5 * (soft_cross_entropy(logits[:b], soft_labels)
+                    + soft_cross_entropy(logits[b:], soft_labels))
+        total = rec + self.alpha * con + self.a_cluster * ca
+        return total, {"rec": rec.detach(), "con": con.detach(), "ca": ca.detach()}
+
+
+class LabelTable:
+    """Soft pseudo-labels y_i (N, K), training state owned by the trainer (not the dataset).
+
+    Starts one-hot from the k-means labels. After warm-up, each time video i is in a batch,
+    y_i <- (1 - beta) y_i + beta softmax(logits of its full-view code); the updated y_i is that
+    step's target. Updates happen in the training process, so any number of loader workers is fine.
+    """
+
+    def __init__(self, pseudo_labels, num_clusters, device="cpu"):
+        labels = torch.as_tensor(pseudo_labels, dtype=torch.long, device=device)
+        self.table = F.one_hot(labels, num_clusters).float()
+
+    def update(self, index, full_view_logits, beta):
+        """index: (b,) video ids; full_view_logits: (b, K). Returns the updated rows (b, K)."""
+        rows = (1 - beta) * self.table[index] + beta * full_view_logits.softmax(1)
+        self.table[index] = rows
+        return rows
+
+    def __getitem__(self, index):
+        return self.table[index]
+
+    def state_dict(self):
+        return {"table": self.table.cpu()}
+
+    def load_state_dict(self, state):
+        if state["table"].shape != self.table.shape:
+            raise ValueError(f"label table of shape {tuple(state['table'].shape)} does not fit "
+                             f"{tuple(self.table.shape)}")
+        self.table = state["table"].to(self.table.device)
