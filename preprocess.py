@@ -7,6 +7,7 @@ import argparse
 
 from dataset.demo import ensure_demo_data
 from dataset.preprocessing import run_preprocess
+from utils.cli import run_cli
 from utils.config import build_config
 
 
@@ -27,4 +28,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,6 +8,7 @@ import os
 
 from inference.evaluate import evaluate_baselines, format_table
 from optim.runner import run_training
+from utils.cli import run_cli
 from utils.config import build_config
 
 
@@ -56,4 +57,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

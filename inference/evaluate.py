@@ -6,7 +6,7 @@ import numpy as np
 from dataset.protocol import retrieval_sets, train_set
 from inference.baselines import baseline_codes
 from inference.metrics import retrieval_metrics
-from utils.fileio import atomic_write_text
+from utils.fileio import atomic_path, atomic_write_text
 
 
 def score_codes(db_codes, query_codes, db_labels, query_labels, cfg, device=None):
@@ -43,6 +43,36 @@ def evaluate_baselines(cfg, methods, bits):
             result = score_codes(db_codes, query_codes, db_labels, query_labels, cfg)
             rows.append({"method": method, "nbits": nbits, **result})
     return rows
+
+
+def evaluate_checkpoint(cfg, checkpoint, device=None):
+    """Load an S5VH checkpoint made for `cfg` and score it on the test protocol.
+
+    Returns (result {'mAP', 'precision'}, database codes (N, B), query codes (Q, B)).
+    """
+    import torch
+
+    from model.s5vh import build_model
+    from optim.runner import RetrievalSet, resolve_device
+    from utils.checkpoint import load_checkpoint
+
+    device = device or resolve_device(cfg.train.device)
+    state = load_checkpoint(checkpoint, cfg)
+    model = build_model(cfg).to(device)
+    model.load_state_dict(state["model"])
+    retrieval = RetrievalSet("test", *retrieval_sets(cfg))
+    db_codes, query_codes = retrieval.codes(model, cfg, device)
+    result = score_codes(db_codes, query_codes, retrieval.database.labels,
+                         retrieval.queries.labels, cfg, device=device)
+    to_int8 = lambda codes: codes.to(torch.int8).cpu().numpy()  # noqa: E731
+    return result, to_int8(db_codes), to_int8(query_codes)
+
+
+def save_codes(path, db_codes, query_codes):
+    """±1 codes as int8 arrays `database` (N, B) and `queries` (Q, B) in one .npz, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, database=db_codes, queries=query_codes)
 
 
 def format_table(rows, topk):

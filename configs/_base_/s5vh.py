@@ -87,7 +87,6 @@ train = dict(
     warm_up_epoch=50,
     smoothing_alpha=0.01,
     trainable_centers=False,   # True: a random trainable classifier (the authors' release)
-    num_workers=0,
     device="auto",             # auto | cpu | cuda
     amp=False,                 # bf16 autocast on CUDA
     eval_every=50,

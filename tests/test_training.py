@@ -1,0 +1,195 @@
+import json
+from pathlib import Path
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as eval_script
+import train as train_script
+from dataset.io import write_features, write_labels
+from Loss.losses import (CenterLogits, LabelTable, S5VHLoss, debiased_contrastive_loss,
+                         reconstruction_loss, soft_cross_entropy)
+from optim.engine import NonFiniteLossError, make_views
+from optim.runner import run_training
+from tests.conftest import DEMO_CONFIG, tiny_config
+from utils.checkpoint import load_checkpoint
+
+
+def dcl_by_formula(z1, z2, tau, tau_plus):
+    """Per-anchor loop over the 2n codes, as SPEC section 5 states it."""
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
+    n2, n = len(z), len(z1)
+    losses = []
+    for i in range(n2):
+        p = (i + n) % n2
+        pos = math.exp(float(z[i] @ z[p]) / tau)
+        neg = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n2) if k not in (i, p))
+        count = n2 - 2
+        ng = max((neg - tau_plus * count * pos) / (1 - tau_plus), count * math.exp(-1 / tau))
+        losses.append(-math.log(pos / (pos + ng)))
+    return sum(losses) / n2
+
+
+@pytest.mark.parametrize("tau, tau_plus", [(0.5, 0.1), (0.5, 0.05), (0.2, 0.3)])
+def test_debiased_contrastive_matches_formula(rng, tau, tau_plus):
+    z1, z2 = (torch.tensor(rng.normal(size=(5, 8))) for _ in range(2))
+    got = debiased_contrastive_loss(z1, z2, tau, tau_plus)
+    assert float(got) == pytest.approx(dcl_by_formula(z1, z2, tau, tau_plus), rel=1e-9)
+
+
+def test_debiased_contrastive_clamp_is_active_for_aligned_views():
+    # identical views and a large tau_plus drive the debiased negative term below its floor
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    got = debiased_contrastive_loss(z, z, 0.5, 0.9)
+    pos, count = math.exp(2.0), 4
+    floor = count * math.exp(-2.0)
+    assert float(got) == pytest.approx(-math.log(pos / (pos + floor)), rel=1e-6)
+    assert float(got) == pytest.approx(dcl_by_formula(z, z, 0.5, 0.9), rel=1e-6)
+
+
+def test_reconstruction_and_center_alignment_by_formula(rng):
+    pred, target = torch.tensor(rng.normal(size=(2, 3, 4))), torch.tensor(rng.normal(size=(2, 3, 4)))
+    assert float(reconstruction_loss(pred, target)) == pytest.approx(
+        float(((pred - target) ** 2).sum() / 24))
+    centers = torch.tensor([[1.0, -1, 1, 1], [-1, -1, 1, -1], [1, 1, -1, -1]])
+    code = torch.tensor([[0.5, -0.5, 1.0, 0.0]])
+    logits = CenterLogits(centers, temperature=0.5)(code)
+    expected = (code @ centers.T) / (4 * 0.5)
+    assert torch.allclose(logits, expected)
+    y = torch.tensor([[0.2, 0.7, 0.1]])
+    manual = -sum(float(y[0, k]) * math.log(float(logits[0].softmax(0)[k])) for k in range(3))
+    assert float(soft_cross_entropy(logits, y)) == pytest.approx(manual, rel=1e-6)
+
+
+def test_total_loss_weights_and_view_averaging(rng):
+    cfg = tiny_config(Path("/nonexistent"), "train.alpha=2.0", "train.a_cluster=0.5")
+    centers = np.sign(rng.normal(size=(3, 6))).astype(np.float32)
+    crit = S5VHLoss(centers, cfg.train)
+    b = 4
+    out = {"reconstruction": torch.rand(2 * b, 5, 7), "video_code": torch.rand(2 * b, 6) * 2 - 1}
+    targets, soft = torch.rand(2 * b, 5, 7), torch.softmax(torch.rand(b, 3), 1)
+    total, parts = crit(out, targets, soft)
+    rec = F.mse_loss(out["reconstruction"][:b], targets[:b]) + F.mse_loss(out["reconstruction"][b:], targets[b:])
+    logits = crit.center_logits(out["video_code"])
+    ca = (soft_cross_entropy(logits[:b], soft) + soft_cross_entropy(logits[b:], soft)) / 2
+    con = debiased_contrastive_loss(out["video_code"][:b], out["video_code"][b:], 0.5,
+                                    cfg.train.tau_plus)
+    assert torch.allclose(total, rec + 2.0 * con + 0.5 * ca)
+    assert torch.allclose(parts["ca"], ca) and not list(crit.parameters())   # centers are fixed
+    trainable = S5VHLoss(centers, {**cfg.train.to_dict(), "trainable_centers": True})
+    assert sum(p.numel() for p in trainable.parameters()) == 6 * 3 + 3
+
+
+def test_label_smoothing_update():
+    table = LabelTable(np.array([0, 2, 1]), 3)
+    assert torch.equal(table.table, torch.eye(3)[[0, 2, 1]])
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    rows = table.update(torch.tensor([1]), logits, beta=0.01)
+    expected = 0.99 * torch.tensor([0.0, 0.0, 1.0]) + 0.01 * logits.softmax(1)[0]
+    assert torch.allclose(rows[0], expected) and torch.allclose(table[torch.tensor([1])][0], expected)
+    assert torch.equal(table.table[0], torch.tensor([1.0, 0, 0]))      # others untouched
+    rows = table.update(torch.tensor([1]), logits, beta=0.01)          # compounding
+    assert torch.allclose(rows[0], 0.99 * expected + 0.01 * logits.softmax(1)[0])
+
+
+def test_views_partition_frames():
+    gen = torch.Generator().manual_seed(0)
+    visible, masked = make_views(6, 25, 0.5, gen, "cpu")
+    assert visible.shape == (12, 13) and masked.shape == (12, 12)
+    for row in range(12):
+        frames = sorted(visible[row].tolist() + masked[row].tolist())
+        assert frames == list(range(25))
+        assert visible[row].tolist() == sorted(visible[row].tolist())
+    # view 2 sees the last v permuted frames: the two views share 2v - M = 1 frame
+    shared = [len(set(visible[i].tolist()) & set(visible[i + 6].tolist())) for i in range(6)]
+    assert shared == [1] * 6
+    visible, masked = make_views(3, 25, 0.75, gen, "cpu")
+    assert visible.shape == (6, 7)
+
+
+def make_tiny_demo(root, n_train=48, n_test=16, frames=8, dim=16, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    protos = rng.random((classes, frames, dim)) * 2
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(classes, size=n)
+        feats = np.maximum(protos[labels] + 0.3 * rng.normal(size=(n, frames, dim)), 0)
+        write_features(os.path.join(root, "demo", f"demo_{split}_feats.h5"), feats.astype(np.float32))
+        write_labels(os.path.join(root, "demo", f"demo_{split}_labels.mat"), np.eye(classes)[labels])
+
+
+TINY = ["nbits=16", "max_frames=8", "feature_size=16", "preprocess.latent_dim_pca=8",
+        "preprocess.nclusters=4", "model.hidden_size=16", "model.decoder_hidden_size=16",
+        "train.batch_size=16", "train.warm_up_epoch=1", "eval.query_chunk=7"]
+
+
+def tiny_run_config(tmp_path, *extra):
+    return tiny_config(tmp_path, *TINY, *extra)
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    make_tiny_demo(str(tmp_path))
+    opts = ("train.num_epochs=4", "train.select='val'", "train.eval_every=1")
+    cfg = tiny_run_config(tmp_path, *opts)
+    full = run_training(cfg, str(tmp_path / "full"), log=lambda m: None, progress=False)
+    assert run_training(cfg, str(tmp_path / "cut"), stop_after_epoch=2, log=lambda m: None,
+                        progress=False) is None
+    torch.manual_seed(12345)                   # a resumed process starts from other RNG states
+    resumed = run_training(cfg, str(tmp_path / "cut"), resume=True, log=lambda m: None,
+                           progress=False)
+    a = load_checkpoint(str(tmp_path / "full" / "last.pth"))
+    b = load_checkpoint(str(tmp_path / "cut" / "last.pth"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["label_table"]["table"], b["label_table"]["table"])
+    assert full == resumed
+    lines = [json.loads(l) for l in open(tmp_path / "cut" / "log.jsonl")]
+    assert [l["epoch"] for l in lines] == [1, 2, 3, 4]
+    # the label table moved away from one-hot after warm-up, and is in the checkpoint
+    assert (a["label_table"]["table"].max(1).values < 1).any()
+
+
+def test_train_and_eval_scripts_two_epochs(tmp_path, capsys):
+    """Missing artifacts trigger preprocessing; eval.py reproduces the run's test score."""
+    make_tiny_demo(str(tmp_path))
+    opts = ["--cfg-options", f"data_root={str(tmp_path)!r}", f"work_dir={str(tmp_path / 'runs')!r}",
+            *TINY, "train.num_epochs=2"]
+    rows = train_script.main(["--config", DEMO_CONFIG, "--no-progress", "--compare", "itq", *opts])
+    out = capsys.readouterr().out
+    assert "preprocessing artifacts missing" in out and "epoch 2:" in out
+    run_dir = tmp_path / "runs" / "demo_16bits"
+    assert sorted(os.listdir(run_dir)) == ["best.pth", "config.py", "last.pth", "log.jsonl",
+                                           "results.json"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["selection"] == "last" and results["selected_epoch"] == 2
+    assert [r["method"] for r in rows] == ["itq", "s5vh (last)"]
+    log = [json.loads(l) for l in open(run_dir / "log.jsonl")]
+    assert len(log) == 2 and all(k in log[0] for k in ("loss", "rec", "con", "ca", "lr", "seconds"))
+    evaluated = eval_script.main(["--run", str(run_dir)])
+    assert evaluated[0]["mAP"][5] == pytest.approx(results["test_mAP"]["5"], abs=1e-9)
+    codes = np.load(run_dir / "codes.npz")
+    assert codes["database"].shape == (48, 16) and set(np.unique(codes["queries"])) <= {-1, 1}
+    checkpoint = load_checkpoint(str(run_dir / "last.pth"))
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "label_table", "best",
+            "config", "meta"} <= set(checkpoint)
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+    make_tiny_demo(str(tmp_path))
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=2", "train.lr=1e30", "train.log_every=1")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss in epoch"):
+        run_training(cfg, str(tmp_path / "run"), log=lambda m: None, progress=False)
+
+
+def test_test_selection_keeps_the_best_epoch(tmp_path):
+    make_tiny_demo(str(tmp_path))
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=3", "train.select='test'", "train.eval_every=1")
+    results = run_training(cfg, str(tmp_path / "run"), log=lambda m: None, progress=False)
+    log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    scores = [l["test_mAP"]["5"] for l in log]
+    assert results["selection"] == "test"
+    assert results["selected_epoch"] == 1 + int(np.argmax(scores))
+    assert results["test_mAP"][5] == pytest.approx(max(scores))
