@@ -36,28 +36,40 @@ def make_views(batch, frames, mask_ratio, generator, device):
     return visible.sort(1).values, masked.sort(1).values
 
 
+def autocast(device, enabled):
+    """bf16 autocast on CUDA when enabled; a no-op context otherwise."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                          enabled=enabled and torch.device(device).type == "cuda")
+
+
 @torch.no_grad()
-def full_view_logits(model, criterion, x):
+def full_view_logits(model, criterion, x, amp=False):
     """Center logits of the real-valued mean code of all M frames, without gradient or DropPath."""
     was_training = model.training
     model.eval()
-    code = model.frame_codes(x).mean(1)                                       # (b, B)
+    with autocast(x.device, amp):
+        code = model.frame_codes(x).mean(1)                                   # (b, B)
     model.train(was_training)
-    return criterion.center_logits(code)
+    return criterion.center_logits(code.float())
 
 
-def training_step(model, criterion, x, index, label_table, smoothing, generator, mask_ratio):
+def training_step(model, criterion, x, index, label_table, smoothing, generator, mask_ratio,
+                  amp=False):
     """Loss of one batch: x (b, M, D) features of videos `index` (b,). Both views go through
-    the model in one pass of 2b rows. smoothing: beta, or None during warm-up."""
+    the model in one pass of 2b rows. smoothing: beta, or None during warm-up. With amp the
+    model runs in bf16 autocast; the losses are computed in float32."""
     b, frames = x.shape[:2]
     visible, masked = make_views(b, frames, mask_ratio, generator, x.device)
     both = torch.cat([x, x])
-    outputs = model(both, visible, masked)
-    targets = gather_frames(both, masked)                                      # (2b, m, D)
+    with autocast(x.device, amp):
+        outputs = model(both, visible, masked)
+    outputs = {key: value.float() for key, value in outputs.items()}
+    targets = gather_frames(both, masked).float()                              # (2b, m, D)
     if smoothing is None:
         soft_labels = label_table[index]
     else:
-        soft_labels = label_table.update(index, full_view_logits(model, criterion, x), smoothing)
+        soft_labels = label_table.update(index, full_view_logits(model, criterion, x, amp),
+                                         smoothing)
     return criterion(outputs, targets, soft_labels)
 
 
@@ -89,7 +101,7 @@ def train_one_epoch(model, criterion, optimizer, features, label_table, epoch, c
                disable=not progress, dynamic_ncols=True)
     for step, index in enumerate(bar, start=1):
         loss, parts = training_step(model, criterion, features[index], index, label_table,
-                                    smoothing, generator, t.mask_ratio)
+                                    smoothing, generator, t.mask_ratio, t.amp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -105,12 +117,13 @@ def train_one_epoch(model, criterion, optimizer, features, label_table, epoch, c
 
 
 @torch.no_grad()
-def encode_tensor(model, features, batch_size, device):
+def encode_tensor(model, features, batch_size, device, amp=False):
     """(N, M, D) features (any device) -> (N, B) ±1 codes on `device`."""
     model.eval()
-    codes = [model.encode(features[i:i + batch_size].to(device))
-             for i in range(0, len(features), batch_size)]
-    return torch.cat(codes)
+    with autocast(device, amp):
+        codes = [model.encode(features[i:i + batch_size].to(device).float())
+                 for i in range(0, len(features), batch_size)]
+    return torch.cat(codes).float()
 
 
 @torch.no_grad()

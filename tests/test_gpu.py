@@ -32,3 +32,27 @@ def test_model_state_dict_moves_between_plain_and_cuda():
     assert torch.allclose(a["reconstruction"], b["reconstruction"], rtol=1e-4, atol=1e-5)
     round_trip = build_model(small_cfg("model.mamba_impl='cuda'")).cuda()
     round_trip.load_state_dict(plain_model.state_dict(), strict=True)
+
+
+@needs_cuda_mamba
+def test_bf16_training_step_is_finite_and_close_to_float32():
+    import numpy as np
+
+    from Loss.losses import LabelTable, S5VHLoss
+    from optim.engine import epoch_generator, training_step
+    torch.manual_seed(0)
+    cfg = small_cfg("model.mamba_impl='cuda'")
+    model = build_model(cfg).cuda()
+    centers = np.sign(np.random.default_rng(0).normal(size=(4, 16))).astype(np.float32)
+    criterion = S5VHLoss(centers, cfg.train).cuda()
+    table = LabelTable(np.arange(8) % 4, 4, "cuda")
+    x, index = torch.rand(8, FRAMES, DIM, device="cuda"), torch.arange(8, device="cuda")
+    losses = {}
+    for amp in (False, True):
+        gen = epoch_generator(0, 0, "cuda")
+        loss, _ = training_step(model.eval(), criterion, x, index, table, 0.01, gen, 0.5, amp=amp)
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses[amp] = float(loss)
+        model.zero_grad()
+    assert abs(losses[True] - losses[False]) < 0.05 * abs(losses[False])
