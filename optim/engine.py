@@ -53,13 +53,12 @@ def full_view_logits(model, criterion, x, amp=False):
     return criterion.center_logits(code.float())
 
 
-def training_step(model, criterion, x, index, label_table, smoothing, generator, mask_ratio,
+def training_loss(model, criterion, x, index, label_table, smoothing, visible, masked,
                   amp=False):
-    """Loss of one batch: x (b, M, D) features of videos `index` (b,). Both views go through
-    the model in one pass of 2b rows. smoothing: beta, or None during warm-up. With amp the
-    model runs in bf16 autocast; the losses are computed in float32."""
-    b, frames = x.shape[:2]
-    visible, masked = make_views(b, frames, mask_ratio, generator, x.device)
+    """Loss of one batch: x (b, M, D) features of videos `index` (b,); visible (2b, v) and
+    masked (2b, m) from `make_views`. Both views go through the model in one pass of 2b rows.
+    smoothing: beta, or None during warm-up. With amp the model runs in bf16 autocast; the losses
+    are computed in float32. Returns (loss, {'rec', 'con', 'ca'})."""
     both = torch.cat([x, x])
     with autocast(x.device, amp):
         outputs = model(both, visible, masked)
@@ -73,6 +72,70 @@ def training_step(model, criterion, x, index, label_table, smoothing, generator,
     return criterion(outputs, targets, soft_labels)
 
 
+class TrainStep:
+    """One optimisation step on a batch: loss, backward, optimizer step.
+
+    With `cuda_graphs`, full batches on CUDA replay a captured graph of the whole step (forward,
+    backward, fused AdamW, label-table update), which removes the per-kernel launch cost that
+    dominates a model this small; one graph per phase (warm-up, smoothing), captured after a few
+    eager steps. Other batches (the last, smaller one) run eagerly with the same parameters.
+    """
+
+    EAGER_STEPS_BEFORE_CAPTURE = 3
+
+    def __init__(self, model, criterion, optimizer, features, label_table, batch_size,
+                 amp=False, cuda_graphs=False):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.features, self.label_table, self.amp = features, label_table, amp
+        self.batch_size = batch_size
+        self.use_graphs = cuda_graphs and features.is_cuda
+        self.graphs, self.eager_counts = {}, {}
+
+    def _eager(self, index, visible, masked, smoothing):
+        loss, parts = training_loss(self.model, self.criterion, self.features[index], index,
+                                    self.label_table, smoothing, visible, masked, self.amp)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), parts
+
+    def __call__(self, index, visible, masked, smoothing):
+        phase = smoothing is not None
+        if not self.use_graphs or len(index) != self.batch_size:
+            return self._eager(index, visible, masked, smoothing)
+        if phase not in self.graphs:
+            count = self.eager_counts.get(phase, 0)
+            if count < self.EAGER_STEPS_BEFORE_CAPTURE:
+                self.eager_counts[phase] = count + 1
+                side = torch.cuda.Stream()          # warm-up steps off the default stream
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    result = self._eager(index, visible, masked, smoothing)
+                torch.cuda.current_stream().wait_stream(side)
+                return result
+            self.graphs[phase] = self._capture(index, visible, masked, smoothing)
+        graph, buffers, outputs = self.graphs[phase]
+        for buffer, value in zip(buffers, (index, visible, masked)):
+            buffer.copy_(value)
+        graph.replay()
+        return outputs
+
+    def _capture(self, index, visible, masked, smoothing):
+        """Capture the step on static copies of the inputs; capturing records, replay runs."""
+        buffers = (index.clone(), visible.clone(), masked.clone())
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_index, static_visible, static_masked = buffers
+            loss, parts = training_loss(self.model, self.criterion,
+                                        self.features[static_index], static_index,
+                                        self.label_table, smoothing, static_visible,
+                                        static_masked, self.amp)
+            loss.backward()
+            self.optimizer.step()
+        return graph, buffers, (loss.detach(), parts)
+
+
 def batch_indices(num_videos, batch_size, generator, device):
     """A random order of range(N) cut into batches (a last batch of one video is dropped: the
     contrastive loss needs a second video)."""
@@ -83,34 +146,32 @@ def batch_indices(num_videos, batch_size, generator, device):
     return batches
 
 
-def train_one_epoch(model, criterion, optimizer, features, label_table, epoch, cfg,
-                    progress=True):
-    """Train over all videos once. features: (N, M, D) tensor on the training device.
+def train_one_epoch(step, epoch, cfg, progress=True):
+    """Train over all videos once with `step` (a TrainStep).
 
     Returns the epoch's averages {'loss', 'rec', 'con', 'ca'} as floats. Losses stay on the
     device between logging intervals; a non-finite loss raises NonFiniteLossError.
     """
     t = cfg.train
+    features = step.features
     device = features.device
     generator = epoch_generator(cfg.seed, epoch, device)
     smoothing = None if epoch < t.warm_up_epoch else t.smoothing_alpha
     batches = batch_indices(len(features), t.batch_size, generator, device)
-    model.train()
+    step.model.train()
     sums = torch.zeros(4, device=device)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.num_epochs}", leave=False,
                disable=not progress, dynamic_ncols=True)
-    for step, index in enumerate(bar, start=1):
-        loss, parts = training_step(model, criterion, features[index], index, label_table,
-                                    smoothing, generator, t.mask_ratio, t.amp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sums += torch.stack([loss.detach(), parts["rec"], parts["con"], parts["ca"]])
-        if step % t.log_every == 0 or step == len(batches):
-            values = (sums / step).tolist()
+    for count, index in enumerate(bar, start=1):
+        visible, masked = make_views(len(index), features.shape[1], t.mask_ratio, generator,
+                                     device)
+        loss, parts = step(index, visible, masked, smoothing)
+        sums += torch.stack([loss, parts["rec"], parts["con"], parts["ca"]])
+        if count % t.log_every == 0 or count == len(batches):
+            values = (sums / count).tolist()
             if not all(math.isfinite(v) for v in values):
                 raise NonFiniteLossError(
-                    f"non-finite loss in epoch {epoch + 1} by step {step} (running means "
+                    f"non-finite loss in epoch {epoch + 1} by step {count} (running means "
                     f"loss/rec/con/ca = {values}); lower train.lr or check the features")
             bar.set_postfix(loss=f"{values[0]:.4f}")
     return dict(zip(("loss", "rec", "con", "ca"), (sums / max(len(batches), 1)).tolist()))

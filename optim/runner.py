@@ -17,7 +17,7 @@ from dataset.protocol import retrieval_sets, train_set, validation_sets
 from inference.evaluate import score_codes, write_json
 from Loss.losses import LabelTable, S5VHLoss
 from model.s5vh import build_model
-from optim.engine import encode_tensor, encode_videos, train_one_epoch
+from optim.engine import TrainStep, encode_tensor, encode_videos, train_one_epoch
 from utils.checkpoint import load_checkpoint, model_meta, save_checkpoint
 from utils.config import config_text, dump_config
 from utils.seed import rng_state, seed_everything, set_rng_state
@@ -34,13 +34,17 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def build_optimizer(cfg, model, criterion):
-    """AdamW over every trainable parameter (weight decay on all) and cosine annealing per epoch."""
+def build_optimizer(cfg, model, criterion, graphs=False):
+    """AdamW over every trainable parameter (weight decay on all) and cosine annealing per epoch.
+
+    On CUDA it is the fused AdamW; for CUDA-graph replay it is also capturable and its learning
+    rate is a device tensor, which the scheduler updates in place between replays."""
     t = cfg.train
     params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
-    fused = all(p.is_cuda for p in params)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas),
-                                  weight_decay=t.weight_decay, fused=fused or None)
+    on_cuda = all(p.is_cuda for p in params)
+    lr = torch.tensor(t.lr, device=params[0].device) if graphs else t.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  fused=on_cuda or None, capturable=graphs)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.num_epochs,
                                                            eta_min=t.min_lr)
     return optimizer, scheduler
@@ -102,7 +106,8 @@ def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=pri
     pseudo_labels, centers = load_artifacts(cfg, len(videos))
     model = build_model(cfg).to(device)
     criterion = S5VHLoss(centers, t).to(device)
-    optimizer, scheduler = build_optimizer(cfg, model, criterion)
+    graphs = t.cuda_graphs and device.type == "cuda"
+    optimizer, scheduler = build_optimizer(cfg, model, criterion, graphs)
     label_table = LabelTable(pseudo_labels, len(centers), device)
     test_set = RetrievalSet("test", *retrieval_sets(cfg), videos, features)
     select_set = {"val": lambda: RetrievalSet("val", *validation_sets(cfg, t.val_fraction, cfg.seed),
@@ -127,11 +132,12 @@ def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=pri
     log(f"training {len(videos)} videos on {device}, {sum(p.numel() for p in model.parameters()):,}"
         f" parameters, {t.num_epochs} epochs, select={t.select}")
 
+    step = TrainStep(model, criterion, optimizer, features, label_table, t.batch_size, t.amp,
+                     graphs)
     for epoch in range(start_epoch, t.num_epochs):
         began = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, criterion, optimizer, features, label_table, epoch, cfg,
-                                progress)
+        lr = float(optimizer.param_groups[0]["lr"])
+        stats = train_one_epoch(step, epoch, cfg, progress)
         scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, **stats,
                   "train_seconds": round(time.perf_counter() - began, 3)}

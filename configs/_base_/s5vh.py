@@ -89,6 +89,7 @@ train = dict(
     trainable_centers=False,   # True: a random trainable classifier (the authors' release)
     device="auto",             # auto | cpu | cuda
     amp=False,                 # bf16 autocast on CUDA
+    cuda_graphs=True,          # on CUDA, replay full-batch steps as one captured graph
     eval_every=50,
     select="last",             # last | val | test (the release: best test mAP@5)
     val_fraction=0.1,
