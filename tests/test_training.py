@@ -123,7 +123,7 @@ def make_tiny_demo(root, n_train=48, n_test=16, frames=8, dim=16, classes=4, see
 
 TINY = ["nbits=16", "max_frames=8", "feature_size=16", "preprocess.latent_dim_pca=8",
         "preprocess.nclusters=4", "model.hidden_size=16", "model.decoder_hidden_size=16",
-        "train.batch_size=16", "train.warm_up_epoch=1", "eval.query_chunk=7"]
+        "train.batch_size=16", "train.warm_up_epoch=1", "eval.query_chunk=7", "train.device='cpu'"]
 
 
 def tiny_run_config(tmp_path, *extra):
