@@ -25,13 +25,10 @@ def debiased_contrastive_loss(z1, z2, temperature, tau_plus):
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)                                   # (2b, B)
     sim = torch.exp(z @ z.T / temperature)                                        # (2b, 2b)
-    index = torch.arange(2 * b, device=z.device)
-    partner = (index + b) % (2 * b)
-    pos = sim[index, partner]                                                     # (2b,)
-    negatives = torch.ones_like(sim, dtype=torch.bool)
-    negatives[index, index] = False
-    negatives[index, partner] = False
-    neg = (sim * negatives).sum(1)
+    pos = torch.exp((z[:b] * z[b:]).sum(1) / temperature).repeat(2)              # (2b,)
+    self_or_partner = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    self_or_partner = self_or_partner | self_or_partner.roll(b, dims=1)
+    neg = sim.masked_fill(self_or_partner, 0.0).sum(1)
     count = 2 * b - 2
     ng = (neg - tau_plus * count * pos) / (1 - tau_plus)
     ng = torch.clamp(ng, min=count * math.exp(-1 / temperature))

@@ -224,6 +224,34 @@ def bench_frames(device, frame_counts, batch, repeats=3):
     return rows
 
 
+def profile_step(device, steps=5):
+    """Top CUDA kernels of the eager optimised step (fp32), to see where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    cfg = ucf_config()
+    model = build_model(cfg).to(device)
+    centers = (torch.randint(0, 2, (cfg.preprocess.nclusters, 64)) * 2 - 1).float().numpy()
+    criterion = S5VHLoss(centers, cfg.train).to(device)
+    optimizer, _ = build_optimizer(cfg, model, criterion)
+    features = torch.rand(1024, cfg.max_frames, cfg.feature_size, device=device)
+    labels = LabelTable(torch.randint(0, len(centers), (1024,)), len(centers), device)
+    step = TrainStep(model, criterion, optimizer, features, labels, 128)
+    gen = epoch_generator(0, 0, device)
+
+    def run(count):
+        for _ in range(count):
+            index = torch.randint(0, 1024, (128,), device=device, generator=gen)
+            visible, masked = make_views(128, cfg.max_frames, cfg.train.mask_ratio, gen, device)
+            step(index, visible, masked, cfg.train.smoothing_alpha)
+        synchronize(device)
+
+    run(3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(steps)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    print(table)
+    return table
+
+
 def plot(report, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -250,7 +278,7 @@ def plot(report, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["train", "eval", "frames"],
-                        choices=["train", "eval", "frames"])
+                        choices=["train", "eval", "frames", "profile"])
     parser.add_argument("--videos", type=int, default=9537)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--frames", type=int, nargs="+",
@@ -269,6 +297,8 @@ def main(argv=None):
         report["eval"] = bench_eval(device)
     if "frames" in args.parts:
         report["frames"] = bench_frames(device, args.frames, args.frames_batch)
+    if "profile" in args.parts:
+        report["profile"] = profile_step(device)
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
         json.dump(report, f, indent=2)
     if "frames" in report:
