@@ -50,6 +50,7 @@ class StepOptions:
     fused_adamw: bool = False
     cuda_graph: bool = False  # the whole step replayed as one captured CUDA graph (TrainStep)
     bf16: bool = False
+    plain_scan: bool = False  # the plain-PyTorch selective scan instead of mamba_ssm's kernel
 
 
 LADDER = [
@@ -59,6 +60,8 @@ LADDER = [
     ("+ fused AdamW", StepOptions(True, True, True, True)),
     ("+ CUDA graph of the step (optimised, float32)", StepOptions(True, True, True, True, True)),
     ("+ bf16 autocast", StepOptions(True, True, True, True, True, True)),
+    ("CUDA graph, plain-PyTorch scan, float32", StepOptions(True, True, True, True, True, False, True)),
+    ("CUDA graph, plain-PyTorch scan, bf16", StepOptions(True, True, True, True, True, True, True)),
 ]
 
 
@@ -96,7 +99,8 @@ def bench_training(device, videos, steps, warmup_steps=5):
     rows = []
     for name, opts in LADDER:
         torch.manual_seed(0)
-        model = build_model(cfg).to(device)
+        model = build_model(ucf_config("model.mamba_impl='plain'") if opts.plain_scan else cfg)
+        model = model.to(device)
         criterion = S5VHLoss(centers.cpu().numpy(), cfg.train).to(device)
         labels = LabelTable(torch.randint(0, len(centers), (videos,)), len(centers), device)
         if opts.cuda_graph:
