@@ -21,7 +21,7 @@ from utils.fileio import atomic_write_text
 CLUSTER_ARTIFACTS = ("latent_feats", "anchors", "nearest", "semantic")
 
 
-def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3):
+def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3, log=print):
     """(N, D) mean-pooled features -> latent (N, p), centroids (K, p), nearest (N, n) cluster ids.
 
     nearest[:, 0] is each video's pseudo-label, its nearest centroid.
@@ -33,10 +33,14 @@ def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3):
     if latent_dim > min(n, dim):
         raise DataError(f"preprocess.latent_dim_pca={latent_dim} must be at most "
                         f"min(videos, feature size) = min({n}, {dim})")
+    start = time.perf_counter()
     pca = PCA(n_components=latent_dim, svd_solver="randomized" if latent_dim < min(n, dim) // 2
               else "full", random_state=seed)
     latent = pca.fit_transform(pooled).astype(np.float32)
+    log(f"PCA to {latent_dim} dims: {time.perf_counter() - start:.1f}s")
+    start = time.perf_counter()
     kmeans = KMeans(n_clusters=nclusters, n_init=n_init, random_state=seed).fit(latent)
+    log(f"k-means with K={nclusters} ({n_init} init): {time.perf_counter() - start:.1f}s")
     centroids = kmeans.cluster_centers_.astype(np.float32)
     # squared distances to every centroid without an (N, K, p) temporary
     dist = (latent ** 2).sum(1, keepdims=True) - 2 * latent @ centroids.T + (centroids ** 2).sum(1)
@@ -77,16 +81,16 @@ def run_preprocess(cfg, log=print, centers_only=False):
         videos = train_set(cfg)
         log(f"mean-pooling {len(videos)} training videos from {videos.path}")
         pooled = videos.mean_pooled(cfg, p.chunk_videos)
-        log(f"PCA to {p.latent_dim_pca} dims, k-means with K={p.nclusters}")
+        log(f"mean pooling: {time.perf_counter() - start:.1f}s")
         latent, centroids, nearest = cluster_features(pooled, p.latent_dim_pca, p.nclusters,
                                                       p.nearest_clusters, cfg.seed,
-                                                      p.kmeans_n_init)
+                                                      p.kmeans_n_init, log)
         del pooled
         semantic = normalize_rows(centroids)
         outputs.update(latent_feats=("feats", latent), anchors=("feats", centroids),
                        nearest=("pos", nearest), semantic=("matrix", semantic))
         sizes = np.bincount(nearest[:, 0], minlength=p.nclusters)
-        log(f"clusters: sizes {sizes.min()}..{sizes.max()} ({time.perf_counter() - start:.1f}s)")
+        log(f"clusters: sizes {sizes.min()}..{sizes.max()}")
     centers, report = _hash_centers(cfg, semantic, log)
     outputs["hash_center"] = ("matrix", centers)
     for name, (key, value) in outputs.items():
