@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
 from dataset.io import DataError, FeatureFile, check_finite, read_features, read_labels
 
@@ -28,6 +29,18 @@ class VideoSet:
     def load(self, cfg):
         """(n, M, D) float32 features, validated against the config."""
         return read_features(self.path, self.key, cfg.max_frames, cfg.feature_size, self.rows)
+
+    def load_resident(self, cfg, device, dtype=torch.float32, chunk=1024):
+        """(n, M, D) tensor on `device` in `dtype`, filled chunk by chunk (host memory stays
+        at one chunk, whatever the set's size); NaN/Inf rejected."""
+        with FeatureFile(self.path, self.key, cfg.max_frames, cfg.feature_size) as feats:
+            out = torch.empty((len(self),) + feats.shape[1:], dtype=dtype, device=device)
+            done = 0
+            for idx, block in feats.iter_chunks(chunk, self.rows):
+                check_finite(block, self.path, self.key, offset=int(idx[0]))
+                out[done:done + len(block)] = torch.from_numpy(block).to(device, dtype)
+                done += len(block)
+        return out
 
     def mean_pooled(self, cfg, chunk=1024):
         """(n, D) float32 frame means, streamed `chunk` videos at a time (NaN/Inf rejected)."""

@@ -92,8 +92,9 @@ class TrainStep:
         self.graphs, self.eager_counts = {}, {}
 
     def _eager(self, index, visible, masked, smoothing):
-        loss, parts = training_loss(self.model, self.criterion, self.features[index], index,
-                                    self.label_table, smoothing, visible, masked, self.amp)
+        x = self.features[index].float()            # resident features may be stored in bf16
+        loss, parts = training_loss(self.model, self.criterion, x, index, self.label_table,
+                                    smoothing, visible, masked, self.amp)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -128,7 +129,7 @@ class TrainStep:
         with torch.cuda.graph(graph):
             static_index, static_visible, static_masked = buffers
             loss, parts = training_loss(self.model, self.criterion,
-                                        self.features[static_index], static_index,
+                                        self.features[static_index].float(), static_index,
                                         self.label_table, smoothing, static_visible,
                                         static_masked, self.amp)
             loss.backward()

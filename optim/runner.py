@@ -24,6 +24,7 @@ from utils.seed import rng_state, seed_everything, set_rng_state
 
 SELECT_RULES = ("last", "val", "test")
 SELECT_METRIC = 5          # model selection by mAP@5, as the authors' release
+RESIDENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name):
@@ -102,7 +103,11 @@ def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=pri
     ensure_demo_data(cfg)
     ensure_preprocessed(cfg, log)
     videos = train_set(cfg)
-    features = torch.from_numpy(videos.load(cfg)).to(device)                   # (N, M, D)
+    if t.resident_dtype not in RESIDENT_DTYPES:
+        raise ValueError(f"train.resident_dtype must be one of {sorted(RESIDENT_DTYPES)}, "
+                         f"got '{t.resident_dtype}'")
+    features = videos.load_resident(cfg, device, RESIDENT_DTYPES[t.resident_dtype],
+                                    cfg.preprocess.chunk_videos)                # (N, M, D)
     pseudo_labels, centers = load_artifacts(cfg, len(videos))
     model = build_model(cfg).to(device)
     criterion = S5VHLoss(centers, t).to(device)

@@ -193,3 +193,17 @@ def test_test_selection_keeps_the_best_epoch(tmp_path):
     assert results["selection"] == "test"
     assert results["selected_epoch"] == 1 + int(np.argmax(scores))
     assert results["test_mAP"][5] == pytest.approx(max(scores))
+
+
+def test_bf16_resident_features(tmp_path):
+    make_tiny_demo(str(tmp_path))
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=1", "train.resident_dtype='bfloat16'")
+    results = run_training(cfg, str(tmp_path / "run"), log=lambda m: None, progress=False)
+    assert 0 < results["test_mAP"][5] <= 1
+    from dataset.protocol import train_set
+    stored = train_set(cfg).load_resident(cfg, "cpu", torch.bfloat16, chunk=5)
+    assert stored.dtype == torch.bfloat16
+    assert torch.allclose(stored.float(), torch.from_numpy(train_set(cfg).load(cfg)), rtol=1e-2)
+    with pytest.raises(ValueError, match="resident_dtype must be one of"):
+        run_training(tiny_run_config(tmp_path, "train.resident_dtype='int8'"), str(tmp_path / "x"),
+                     log=lambda m: None, progress=False)

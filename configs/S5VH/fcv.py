@@ -10,4 +10,6 @@ data = dict(
     db_labels="fcv_test_labels.mat",
 )
 preprocess = dict(nclusters=450)
-train = dict(batch_size=512, num_epochs=500, mask_ratio=0.75, alpha=2.5, a_cluster=0.01)
+# the 45,585 training videos stay on the GPU in bf16 (9.3 GB instead of 18.7 GB)
+train = dict(batch_size=512, num_epochs=500, mask_ratio=0.75, alpha=2.5, a_cluster=0.01,
+             resident_dtype="bfloat16")

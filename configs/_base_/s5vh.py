@@ -89,6 +89,7 @@ train = dict(
     trainable_centers=False,   # True: a random trainable classifier (the authors' release)
     device="auto",             # auto | cpu | cuda
     amp=False,                 # bf16 autocast on CUDA
+    resident_dtype="float32",  # dtype of the training features kept on the device (bfloat16 halves it)
     cuda_graphs=True,          # on CUDA, replay full-batch steps as one captured graph
     eval_every=50,
     select="last",             # last | val | test (the release: best test mAP@5)
