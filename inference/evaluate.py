@@ -58,7 +58,7 @@ def evaluate_checkpoint(cfg, checkpoint, device=None):
 
     device = device or resolve_device(cfg.train.device)
     state = load_checkpoint(checkpoint, cfg)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, device)
     model.load_state_dict(state["model"])
     retrieval = RetrievalSet("test", *retrieval_sets(cfg))
     db_codes, query_codes = retrieval.codes(model, cfg, device)

@@ -101,14 +101,15 @@ def cuda_mamba_available():
     return True
 
 
-def resolve_mamba_impl(impl):
-    """'auto' -> 'cuda' when mamba-ssm and a GPU are there, else 'plain'; decided once."""
+def resolve_mamba_impl(impl, device=None):
+    """'auto' -> 'cuda' when mamba-ssm and a GPU are there and the model is meant for the GPU
+    (`device` None or CUDA), else 'plain'; decided once, at construction."""
     if impl not in MAMBA_IMPLS:
         raise ValueError(f"model.mamba_impl must be one of {MAMBA_IMPLS}, got '{impl}'")
-    available = cuda_mamba_available()
+    available = cuda_mamba_available() and (device is None or torch.device(device).type == "cuda")
     if impl == "cuda" and not available:
-        raise RuntimeError("model.mamba_impl='cuda' needs a CUDA device and the mamba-ssm "
-                           "package (pip install mamba-ssm --no-build-isolation)")
+        raise RuntimeError("model.mamba_impl='cuda' needs a CUDA device, a model on it and the "
+                           "mamba-ssm package (pip install mamba-ssm --no-build-isolation)")
     resolved = "cuda" if impl == "cuda" or (impl == "auto" and available) else "plain"
     logger.info("Mamba mixer: %s", "mamba_ssm.Mamba (CUDA selective scan)" if resolved == "cuda"
                 else "plain-PyTorch selective scan")

@@ -64,8 +64,8 @@ class BidirectionalLayer(nn.Module):
         return h + self.drop_path(forward + backward)
 
 
-def _layers(dim, depth, model_cfg, drop_path_max):
-    make_mixer = mixer_factory(model_cfg, dim)
+def _layers(dim, depth, model_cfg, drop_path_max, device=None):
+    make_mixer = mixer_factory(model_cfg, dim, device)
     rates = torch.linspace(0, drop_path_max, depth).tolist() if depth > 1 else [0.0] * depth
     return nn.ModuleList(BidirectionalLayer(dim, make_mixer, rate, model_cfg["share_directions"])
                          for rate in rates)
@@ -74,13 +74,13 @@ def _layers(dim, depth, model_cfg, drop_path_max):
 class Encoder(nn.Module):
     """Frame embedding + positions -> visible frames (time order) -> layers -> LN -> Linear."""
 
-    def __init__(self, feature_size, max_frames, model_cfg):
+    def __init__(self, feature_size, max_frames, model_cfg, device=None):
         super().__init__()
         dim = model_cfg["hidden_size"]
         depth = VARIANT_DEPTHS[model_cfg["variant"]]
         self.embed = nn.Linear(feature_size, dim)
         self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
-        self.layers = _layers(dim, depth, model_cfg, model_cfg["drop_path"])
+        self.layers = _layers(dim, depth, model_cfg, model_cfg["drop_path"], device)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.head = nn.Linear(dim, dim)
 
@@ -125,7 +125,7 @@ class HashLayer(nn.Module):
 class Decoder(nn.Module):
     """Visible frame codes + mask tokens -> one bidirectional layer -> predicted masked features."""
 
-    def __init__(self, nbits, feature_size, max_frames, model_cfg):
+    def __init__(self, nbits, feature_size, max_frames, model_cfg, device=None):
         super().__init__()
         dim = model_cfg["decoder_hidden_size"]
         if model_cfg["decoder_order"] not in ("visible_first", "time"):
@@ -136,7 +136,7 @@ class Decoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
-        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, 0.0)
+        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, 0.0, device)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.predict = nn.Linear(dim, feature_size)
 
@@ -163,14 +163,14 @@ class Decoder(nn.Module):
 class S5VH(nn.Module):
     """Encoder + hash layer (+ decoder for training). `forward` is pure: no state is updated."""
 
-    def __init__(self, feature_size, max_frames, nbits, model_cfg):
+    def __init__(self, feature_size, max_frames, nbits, model_cfg, device=None):
         super().__init__()
         if model_cfg["variant"] not in VARIANT_DEPTHS:
             raise ValueError(f"model.variant must be one of {sorted(VARIANT_DEPTHS)}, "
                              f"got '{model_cfg['variant']}'")
         self.nbits, self.max_frames = nbits, max_frames
-        self.encoder = Encoder(feature_size, max_frames, model_cfg)
-        self.decoder = Decoder(nbits, feature_size, max_frames, model_cfg)
+        self.encoder = Encoder(feature_size, max_frames, model_cfg, device)
+        self.decoder = Decoder(nbits, feature_size, max_frames, model_cfg, device)
         self._init_weights()
         self.hash_layer = HashLayer(model_cfg["hidden_size"], nbits)   # PyTorch's default init
 
@@ -208,6 +208,8 @@ class S5VH(nn.Module):
         return binarize(self.frame_codes(x).mean(1))
 
 
-def build_model(cfg):
-    """The S5VH model of a resolved config."""
-    return S5VH(cfg.feature_size, cfg.max_frames, cfg.nbits, cfg.model)
+def build_model(cfg, device=None):
+    """The S5VH model of a resolved config, on `device` (None: CPU, mixer chosen for the GPU
+    when one is there)."""
+    model = S5VH(cfg.feature_size, cfg.max_frames, cfg.nbits, cfg.model, device)
+    return model if device is None else model.to(device)

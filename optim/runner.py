@@ -109,7 +109,7 @@ def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=pri
     features = videos.load_resident(cfg, device, RESIDENT_DTYPES[t.resident_dtype],
                                     cfg.preprocess.chunk_videos)                # (N, M, D)
     pseudo_labels, centers = load_artifacts(cfg, len(videos))
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, device)
     criterion = S5VHLoss(centers, t).to(device)
     graphs = t.cuda_graphs and device.type == "cuda"
     optimizer, scheduler = build_optimizer(cfg, model, criterion, graphs)
