@@ -30,28 +30,33 @@ class VideoSet:
         """(n, M, D) float32 features, validated against the config."""
         return read_features(self.path, self.key, cfg.max_frames, cfg.feature_size, self.rows)
 
-    def load_resident(self, cfg, device, dtype=torch.float32, chunk=1024):
-        """(n, M, D) tensor on `device` in `dtype`, filled chunk by chunk (host memory stays
-        at one chunk, whatever the set's size); NaN/Inf rejected."""
+    def iter_blocks(self, cfg, chunk=1024):
+        """Yield (n, M, D) float32 blocks of this set's videos in order, `chunk` at a time,
+        validated against the config and checked for NaN/Inf."""
         with FeatureFile(self.path, self.key, cfg.max_frames, cfg.feature_size) as feats:
-            out = torch.empty((len(self),) + feats.shape[1:], dtype=dtype, device=device)
-            done = 0
             for idx, block in feats.iter_chunks(chunk, self.rows):
                 check_finite(block, self.path, self.key, offset=int(idx[0]))
-                out[done:done + len(block)] = torch.from_numpy(block).to(device, dtype)
-                done += len(block)
+                yield block
+
+    def _fill(self, out, blocks, convert):
+        done = 0
+        for block in blocks:
+            out[done:done + len(block)] = convert(block)
+            done += len(block)
         return out
 
+    def load_resident(self, cfg, device, dtype=torch.float32, chunk=1024):
+        """(n, M, D) tensor on `device` in `dtype`, filled chunk by chunk (host memory stays
+        at one chunk, whatever the set's size)."""
+        out = torch.empty((len(self), cfg.max_frames, cfg.feature_size), dtype=dtype,
+                          device=device)
+        return self._fill(out, self.iter_blocks(cfg, chunk),
+                          lambda block: torch.from_numpy(block).to(device, dtype))
+
     def mean_pooled(self, cfg, chunk=1024):
-        """(n, D) float32 frame means, streamed `chunk` videos at a time (NaN/Inf rejected)."""
-        with FeatureFile(self.path, self.key, cfg.max_frames, cfg.feature_size) as feats:
-            out = np.empty((len(self), feats.shape[2]), dtype=np.float32)
-            done = 0
-            for idx, block in feats.iter_chunks(chunk, self.rows):
-                check_finite(block, self.path, self.key, offset=int(idx[0]))
-                out[done:done + len(block)] = block.mean(axis=1)
-                done += len(block)
-        return out
+        """(n, D) float32 frame means, streamed `chunk` videos at a time."""
+        out = np.empty((len(self), cfg.feature_size), dtype=np.float32)
+        return self._fill(out, self.iter_blocks(cfg, chunk), lambda block: block.mean(axis=1))
 
 
 def holdout_split(n, fraction, seed):

@@ -8,7 +8,6 @@ import math
 import torch
 from tqdm import tqdm
 
-from dataset.io import FeatureFile, check_finite
 from model.s5vh import gather_frames
 
 
@@ -192,9 +191,6 @@ def encode_tensor(model, features, batch_size, device, amp=False):
 def encode_videos(model, videos, cfg, device):
     """Codes (n, B) of a VideoSet, read from its file `eval.batch_size` videos at a time."""
     model.eval()
-    codes = []
-    with FeatureFile(videos.path, videos.key, cfg.max_frames, cfg.feature_size) as feats:
-        for idx, block in feats.iter_chunks(cfg.eval.batch_size, videos.rows):
-            check_finite(block, videos.path, videos.key, offset=int(idx[0]))
-            codes.append(model.encode(torch.from_numpy(block).to(device)))
+    codes = [model.encode(torch.from_numpy(block).to(device))
+             for block in videos.iter_blocks(cfg, cfg.eval.batch_size)]
     return torch.cat(codes)
