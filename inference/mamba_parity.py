@@ -1,7 +1,7 @@
-"""Plain-PyTorch Mamba mixer vs mamba_ssm.Mamba (CUDA selective scan), same weights, float32.
+"""MambaMixer (plain-PyTorch and Triton scans) vs mamba_ssm.Mamba, same weights, float32.
 
 Compares the forward output and the gradient of every parameter (and of the input) as relative
-errors ||plain - cuda|| / ||cuda||, and times forward+backward of both.
+errors ||mixer - cuda|| / ||cuda||, and times forward+backward of all three.
 
     python -m inference.mamba_parity --frames 25 30 256 2048 --out parity.json
 """
@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from model.mamba import PlainMamba
+from model.mamba import MambaMixer, selective_scan_ref
 
 
 def relative_error(a, b):
@@ -43,23 +43,24 @@ def timed_ms(fn, repeats):
 
 def compare(frames, batch, d_model, repeats, seed=0):
     from mamba_ssm import Mamba
+
+    from model.scan_triton import selective_scan_triton
     torch.manual_seed(seed)
     cuda_mixer = Mamba(d_model, d_state=16, d_conv=4, expand=2).cuda()
-    plain = PlainMamba(d_model, d_state=16, d_conv=4, expand=2).cuda()
-    plain.load_state_dict(cuda_mixer.state_dict(), strict=True)
     x = torch.randn(batch, frames, d_model, device="cuda")
     grad_out = torch.randn(batch, frames, d_model, device="cuda")
     y_cuda, g_cuda = fwd_bwd(cuda_mixer, x, grad_out)
-    y_plain, g_plain = fwd_bwd(plain, x, grad_out)
-    errors = {name: relative_error(g_plain[name], g_cuda[name]) for name in g_cuda}
-    return {
-        "frames": frames, "batch": batch, "d_model": d_model,
-        "output_rel_err": relative_error(y_plain, y_cuda),
-        "max_grad_rel_err": max(errors.values()),
-        "grad_rel_err": errors,
-        "cuda_fwd_bwd_ms": timed_ms(lambda: fwd_bwd(cuda_mixer, x, grad_out), repeats),
-        "plain_fwd_bwd_ms": timed_ms(lambda: fwd_bwd(plain, x, grad_out), repeats),
-    }
+    result = {"frames": frames, "batch": batch, "d_model": d_model,
+              "cuda_fwd_bwd_ms": timed_ms(lambda: fwd_bwd(cuda_mixer, x, grad_out), repeats)}
+    for name, scan in (("plain", selective_scan_ref), ("triton", selective_scan_triton)):
+        mixer = MambaMixer(d_model, d_state=16, d_conv=4, expand=2, scan=scan).cuda()
+        mixer.load_state_dict(cuda_mixer.state_dict(), strict=True)
+        y, grads = fwd_bwd(mixer, x, grad_out)
+        errors = {key: relative_error(grads[key], g_cuda[key]) for key in g_cuda}
+        result[name] = {"output_rel_err": relative_error(y, y_cuda),
+                        "max_grad_rel_err": max(errors.values()), "grad_rel_err": errors,
+                        "fwd_bwd_ms": timed_ms(lambda: fwd_bwd(mixer, x, grad_out), repeats)}
+    return result
 
 
 def main(argv=None):
@@ -74,11 +75,15 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False       # parity is judged in true float32
     torch.backends.cudnn.allow_tf32 = False
     rows = [compare(m, args.batch, args.d_model, args.repeats) for m in args.frames]
-    print(f"{'M':>6}{'out err':>11}{'max grad err':>14}{'cuda ms':>10}{'plain ms':>10}  ok")
+    print(f"{'M':>6}{'mixer':>8}{'out err':>11}{'max grad err':>14}{'ms':>10}"
+          f"{'cuda ms':>10}  ok")
     for r in rows:
-        ok = max(r["output_rel_err"], r["max_grad_rel_err"]) <= args.tolerance
-        print(f"{r['frames']:>6}{r['output_rel_err']:>11.2e}{r['max_grad_rel_err']:>14.2e}"
-              f"{r['cuda_fwd_bwd_ms']:>10.2f}{r['plain_fwd_bwd_ms']:>10.2f}  {ok}")
+        for name in ("plain", "triton"):
+            m = r[name]
+            ok = max(m["output_rel_err"], m["max_grad_rel_err"]) <= args.tolerance
+            print(f"{r['frames']:>6}{name:>8}{m['output_rel_err']:>11.2e}"
+                  f"{m['max_grad_rel_err']:>14.2e}{m['fwd_bwd_ms']:>10.2f}"
+                  f"{r['cuda_fwd_bwd_ms']:>10.2f}  {ok}")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "tolerance": args.tolerance, "rows": rows}
     if args.out:

@@ -1,9 +1,18 @@
-"""Mamba mixer: `mamba_ssm.Mamba` (CUDA selective-scan kernel) or a plain-PyTorch equivalent.
+"""Mamba mixer: `MambaMixer` with a plain-PyTorch or a Triton selective scan, or `mamba_ssm.Mamba`.
 
-`PlainMamba` has the constructor arguments, parameter names, shapes and initialisation of
+`MambaMixer` has the constructor arguments, parameter names, shapes and initialisation of
 `mamba_ssm.Mamba` (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so state_dicts move
-freely between the two. Its selective scan, `selective_scan_ref`, runs the recurrence over time in
-plain PyTorch; it is the reference the CUDA kernel is checked against (`python -m inference.mamba_parity`).
+freely between all three. Its selective scan is either `selective_scan_ref`, which runs the
+recurrence over time in plain PyTorch and is the reference every kernel is checked against, or
+`model.scan_triton.selective_scan_triton`, a kernel for short sequences (S5VH's 25 frames) that
+is several times faster there than mamba_ssm's (`python -m inference.bench_scan`).
+
+Implementations (`model.mamba_impl`), fixed when the model is built:
+    plain   MambaMixer + selective_scan_ref (any device; the CPU path)
+    triton  MambaMixer + selective_scan_triton (CUDA, Triton)
+    cuda    mamba_ssm.Mamba (CUDA, the mamba-ssm package); chunked, best for long sequences
+    auto    triton for models of at most SHORT_SCAN_MAX_FRAMES frames, else cuda, on a CUDA
+            model when the package is there; plain otherwise
 
 Shapes: (b, L, d_model) in and out; inside, E = expand * d_model channels and N = d_state.
 """
@@ -16,7 +25,11 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-MAMBA_IMPLS = ("auto", "plain", "cuda")
+MAMBA_IMPLS = ("auto", "plain", "triton", "cuda")
+# Longest sequence for which 'auto' picks the Triton scan. It walks time in one program per
+# block of channels; mamba_ssm's chunked scan overtakes it between 64 and 128 steps at the
+# training batch (256 rows x 512 channels, H100, `python -m inference.bench_scan`).
+SHORT_SCAN_MAX_FRAMES = 64
 
 
 def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
@@ -50,12 +63,15 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
     return y.to(dtype)
 
 
-class PlainMamba(nn.Module):
-    """The Mamba block of mamba_ssm in plain PyTorch (same parameters, same computation)."""
+class MambaMixer(nn.Module):
+    """The Mamba block of mamba_ssm (same parameters, same computation) around a selective scan
+    with the signature of `selective_scan_ref` (`scan`: that function or the Triton kernel)."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
-                 dt_max=0.1, dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False):
+                 dt_max=0.1, dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
+                 scan=selective_scan_ref):
         super().__init__()
+        self.scan = scan
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
@@ -86,12 +102,13 @@ class PlainMamba(nn.Module):
             [self.dt_rank, self.d_state, self.d_state], dim=-1)              # (b, L, .)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)                    # (b, E, L)
         A = -torch.exp(self.A_log.float())                                   # (E, N)
-        y = selective_scan_ref(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z=z,
-                               delta_bias=self.dt_proj.bias, delta_softplus=True)
+        y = self.scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z=z,
+                      delta_bias=self.dt_proj.bias, delta_softplus=True)             # (b, E, L)
         return self.out_proj(y.transpose(1, 2))
 
 
 def cuda_mamba_available():
+    """A GPU and the mamba-ssm package."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -101,24 +118,50 @@ def cuda_mamba_available():
     return True
 
 
-def resolve_mamba_impl(impl, device=None):
-    """'auto' -> 'cuda' when mamba-ssm and a GPU are there and the model is meant for the GPU
-    (`device` None or CUDA), else 'plain'; decided once, at construction."""
+def triton_scan_available():
+    """A GPU and Triton."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+IMPL_NEEDS = {"triton": (triton_scan_available, "Triton (it ships with CUDA builds of torch)"),
+              "cuda": (cuda_mamba_available,
+                       "the mamba-ssm package (pip install mamba-ssm --no-build-isolation)")}
+IMPL_NAMES = {"plain": "plain-PyTorch selective scan",
+              "triton": "Triton short-sequence selective scan",
+              "cuda": "mamba_ssm.Mamba (CUDA selective scan)"}
+
+
+def resolve_mamba_impl(impl, device=None, max_frames=None):
+    """'plain', 'triton' or 'cuda' for a model meant for `device` (None: the GPU when there is
+    one) whose sequences are at most `max_frames` long; decided once, at construction."""
     if impl not in MAMBA_IMPLS:
         raise ValueError(f"model.mamba_impl must be one of {MAMBA_IMPLS}, got '{impl}'")
-    available = cuda_mamba_available() and (device is None or torch.device(device).type == "cuda")
-    if impl == "cuda" and not available:
-        raise RuntimeError("model.mamba_impl='cuda' needs a CUDA device, a model on it and the "
-                           "mamba-ssm package (pip install mamba-ssm --no-build-isolation)")
-    resolved = "cuda" if impl == "cuda" or (impl == "auto" and available) else "plain"
-    logger.info("Mamba mixer: %s", "mamba_ssm.Mamba (CUDA selective scan)" if resolved == "cuda"
-                else "plain-PyTorch selective scan")
-    return resolved
+    on_gpu = device is None or torch.device(device).type == "cuda"
+    if impl == "auto":
+        short = max_frames is not None and max_frames <= SHORT_SCAN_MAX_FRAMES
+        preferred = ("triton", "cuda") if short else ("cuda", "triton")
+        impl = next((name for name in preferred if on_gpu and IMPL_NEEDS[name][0]()), "plain")
+    elif impl in IMPL_NEEDS:
+        available, package = IMPL_NEEDS[impl]
+        if not (on_gpu and available()):
+            raise RuntimeError(f"model.mamba_impl='{impl}' needs a CUDA device, a model on it "
+                               f"and {package}")
+    logger.info("Mamba mixer: %s", IMPL_NAMES[impl])
+    return impl
 
 
 def make_mamba(d_model, d_state, d_conv, expand, impl):
-    """A Mamba mixer of the resolved implementation ('plain' or 'cuda')."""
+    """A Mamba mixer of a resolved implementation ('plain', 'triton' or 'cuda')."""
     if impl == "cuda":
         from mamba_ssm import Mamba
         return Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-    return PlainMamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+    scan = selective_scan_ref
+    if impl == "triton":
+        from model.scan_triton import selective_scan_triton as scan
+    return MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, scan=scan)

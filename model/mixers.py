@@ -131,11 +131,12 @@ class RWKVMixer(nn.Module):
         return self.output(torch.sigmoid(r) * wkv)
 
 
-def mixer_factory(model_cfg, dim, device=None):
-    """A zero-argument constructor of the configured mixer at width `dim` (for `device`)."""
+def mixer_factory(model_cfg, dim, device=None, max_frames=None):
+    """A zero-argument constructor of the configured mixer at width `dim`, for a model on
+    `device` that sees sequences of at most `max_frames`."""
     kind = model_cfg["mixer"]
     if kind == "mamba":
-        impl = resolve_mamba_impl(model_cfg["mamba_impl"], device)
+        impl = resolve_mamba_impl(model_cfg["mamba_impl"], device, max_frames)
         return lambda: make_mamba(dim, model_cfg["d_state"], model_cfg["d_conv"],
                                   model_cfg["expand"], impl)
     if kind == "lstm":

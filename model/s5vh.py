@@ -64,8 +64,8 @@ class BidirectionalLayer(nn.Module):
         return h + self.drop_path(forward + backward)
 
 
-def _layers(dim, depth, model_cfg, drop_path_max, device=None):
-    make_mixer = mixer_factory(model_cfg, dim, device)
+def _layers(dim, depth, model_cfg, drop_path_max, device=None, max_frames=None):
+    make_mixer = mixer_factory(model_cfg, dim, device, max_frames)
     rates = torch.linspace(0, drop_path_max, depth).tolist() if depth > 1 else [0.0] * depth
     return nn.ModuleList(BidirectionalLayer(dim, make_mixer, rate, model_cfg["share_directions"])
                          for rate in rates)
@@ -80,7 +80,7 @@ class Encoder(nn.Module):
         depth = VARIANT_DEPTHS[model_cfg["variant"]]
         self.embed = nn.Linear(feature_size, dim)
         self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
-        self.layers = _layers(dim, depth, model_cfg, model_cfg["drop_path"], device)
+        self.layers = _layers(dim, depth, model_cfg, model_cfg["drop_path"], device, max_frames)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.head = nn.Linear(dim, dim)
 
@@ -136,7 +136,7 @@ class Decoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
-        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, 0.0, device)
+        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, 0.0, device, max_frames)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.predict = nn.Linear(dim, feature_size)
 

@@ -1,8 +1,9 @@
 """A whole training run: data, preprocessing, model, epochs, evaluation, model selection,
 checkpoints and logs in one run directory; resumable at any epoch boundary.
 
-Run directory: config.py (resolved), log.jsonl (one line per epoch), last.pth (every epoch),
-best.pth (the selected model), results.json (its test mAP@K and the selection rule used).
+Run directory: config.py (resolved), log.jsonl (one line per epoch), last.pth (every
+`train.checkpoint_every` epochs and at the end), best.pth (the selected model), results.json (its
+test mAP@K and the selection rule used).
 """
 import json
 import os
@@ -20,6 +21,7 @@ from model.s5vh import build_model
 from optim.engine import TrainStep, encode_tensor, encode_videos, train_one_epoch
 from utils.checkpoint import load_checkpoint, model_meta, save_checkpoint
 from utils.config import config_text, dump_config
+from utils.fileio import atomic_write_text
 from utils.seed import rng_state, seed_everything, set_rng_state
 
 SELECT_RULES = ("last", "val", "test")
@@ -86,6 +88,15 @@ def _log_line(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def _truncate_log(path, epoch):
+    """Drop the log lines of epochs after `epoch` (trained after the checkpoint a run resumes
+    from, so they are trained again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] <= epoch]
+        atomic_write_text(path, "".join(lines))
+
+
 def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=print,
                  progress=True):
     """Train `cfg` into `run_dir` (default cfg.paths.run_dir); returns the results dict, or None
@@ -93,6 +104,8 @@ def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=pri
     t = cfg.train
     if t.select not in SELECT_RULES:
         raise ValueError(f"train.select must be one of {SELECT_RULES}, got '{t.select}'")
+    if t.checkpoint_every < 1:
+        raise ValueError(f"train.checkpoint_every must be at least 1, got {t.checkpoint_every}")
     run_dir = run_dir or cfg.paths.run_dir
     os.makedirs(run_dir, exist_ok=True)
     last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
@@ -129,6 +142,7 @@ def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=pri
         label_table.load_state_dict(state["label_table"])
         set_rng_state(state["rng"])
         start_epoch, best = state["epoch"], state["best"]
+        _truncate_log(log_path, start_epoch)
         log(f"resumed {run_dir} after epoch {start_epoch}")
     else:
         if os.path.exists(log_path):
@@ -155,10 +169,11 @@ def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=pri
                 best = {"score": score, "epoch": done}
                 save_checkpoint(best_path, _weights(cfg, model, criterion, done))
         record["seconds"] = round(time.perf_counter() - began, 3)
-        save_checkpoint(last_path, {
-            **_weights(cfg, model, criterion, done), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "label_table": label_table.state_dict(),
-            "rng": rng_state(), "best": best})
+        if done % t.checkpoint_every == 0 or done == t.num_epochs:
+            save_checkpoint(last_path, {
+                **_weights(cfg, model, criterion, done), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "label_table": label_table.state_dict(),
+                "rng": rng_state(), "best": best})
         _log_line(log_path, record)
         log(_progress_line(record))
         if stop_after_epoch is not None and done >= stop_after_epoch and done < t.num_epochs:

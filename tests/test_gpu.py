@@ -12,36 +12,39 @@ needs_cuda_mamba = pytest.mark.skipif(not cuda_mamba_available(),
 
 @needs_cuda_mamba
 @pytest.mark.parametrize("frames", [25, 30])
-def test_plain_mixer_matches_mamba_ssm(frames):
+def test_plain_and_triton_mixers_match_mamba_ssm(frames):
     from inference.mamba_parity import compare
     torch.backends.cuda.matmul.allow_tf32 = False
     result = compare(frames, batch=4, d_model=64, repeats=1)
-    assert result["output_rel_err"] < 1e-4 and result["max_grad_rel_err"] < 1e-4
+    for name in ("plain", "triton"):
+        assert result[name]["output_rel_err"] < 1e-4, name
+        assert result[name]["max_grad_rel_err"] < 1e-4, name
 
 
 @needs_cuda_mamba
-def test_model_state_dict_moves_between_plain_and_cuda():
+@pytest.mark.parametrize("impl", ["plain", "triton"])
+def test_model_state_dict_moves_between_implementations(impl):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     cuda_model = build_model(small_cfg("model.mamba_impl='cuda'")).cuda().eval()
-    plain_model = build_model(small_cfg("model.mamba_impl='plain'")).cuda().eval()
-    plain_model.load_state_dict(cuda_model.state_dict(), strict=True)
+    other = build_model(small_cfg(f"model.mamba_impl={impl!r}")).cuda().eval()
+    other.load_state_dict(cuda_model.state_dict(), strict=True)
     x = torch.rand(4, FRAMES, DIM, device="cuda")
     vis, msk = (t.cuda() for t in views(4))
-    a, b = cuda_model(x, vis, msk), plain_model(x, vis, msk)
+    a, b = cuda_model(x, vis, msk), other(x, vis, msk)
     assert torch.allclose(a["reconstruction"], b["reconstruction"], rtol=1e-4, atol=1e-5)
     round_trip = build_model(small_cfg("model.mamba_impl='cuda'")).cuda()
-    round_trip.load_state_dict(plain_model.state_dict(), strict=True)
+    round_trip.load_state_dict(other.state_dict(), strict=True)
 
 
-def _graph_setup(amp=False, graphs=False):
+def _graph_setup(amp=False, graphs=False, impl="cuda"):
     import numpy as np
 
     from Loss.losses import LabelTable, S5VHLoss
     from optim.engine import TrainStep
     from optim.runner import build_optimizer
     torch.manual_seed(0)
-    cfg = small_cfg("model.mamba_impl='cuda'", "model.drop_path=0.0")
+    cfg = small_cfg(f"model.mamba_impl={impl!r}", "model.drop_path=0.0")
     model = build_model(cfg).cuda()
     centers = np.sign(np.random.default_rng(0).normal(size=(4, 16))).astype(np.float32)
     criterion = S5VHLoss(centers, cfg.train).cuda()
@@ -66,10 +69,11 @@ def _run_steps(step, scheduler, count=10):
 
 
 @needs_cuda_mamba
-def test_cuda_graph_step_matches_eager_step():
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_cuda_graph_step_matches_eager_step(impl):
     torch.backends.cuda.matmul.allow_tf32 = False
-    eager_model, eager_sched, eager_table, eager = _graph_setup(graphs=False)
-    graph_model, graph_sched, graph_table, graphed = _graph_setup(graphs=True)
+    eager_model, eager_sched, eager_table, eager = _graph_setup(graphs=False, impl=impl)
+    graph_model, graph_sched, graph_table, graphed = _graph_setup(graphs=True, impl=impl)
     a, b = _run_steps(eager, eager_sched), _run_steps(graphed, graph_sched)
     assert graphed.graphs                                   # both phases were captured
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(abs(x) for x in a)
@@ -81,8 +85,8 @@ def test_cuda_graph_step_matches_eager_step():
 @needs_cuda_mamba
 def test_bf16_steps_are_finite_and_close_to_float32():
     torch.backends.cuda.matmul.allow_tf32 = False
-    _, sched32, _, step32 = _graph_setup(amp=False)
-    _, sched16, _, step16 = _graph_setup(amp=True)
+    _, sched32, _, step32 = _graph_setup(amp=False, impl="triton")
+    _, sched16, _, step16 = _graph_setup(amp=True, impl="triton")
     a, b = _run_steps(step32, sched32), _run_steps(step16, sched16)
     assert all(torch.isfinite(torch.tensor(b)))
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.05 * max(abs(x) for x in a)

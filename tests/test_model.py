@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.mamba import PlainMamba, selective_scan_ref
+from model.mamba import MambaMixer, selective_scan_ref
 from model.mixers import MIXERS
 from model.s5vh import VARIANT_DEPTHS, SignSTE, build_model, sinusoidal_table
 from tests.conftest import DEMO_CONFIG
@@ -85,7 +85,7 @@ def test_selective_scan_equals_stepwise_recurrence_float64():
 
 
 def test_plain_mamba_has_mamba_ssm_parameters():
-    mixer = PlainMamba(32)
+    mixer = MambaMixer(32)
     shapes = {n: tuple(p.shape) for n, p in mixer.named_parameters()}
     assert shapes == {"A_log": (64, 16), "D": (64,), "in_proj.weight": (128, 32),
                       "conv1d.weight": (64, 1, 4), "conv1d.bias": (64,),
@@ -98,7 +98,7 @@ def test_plain_mamba_has_mamba_ssm_parameters():
 
 def test_plain_mamba_is_causal():
     torch.manual_seed(0)
-    mixer = PlainMamba(16)
+    mixer = MambaMixer(16)
     x = torch.randn(2, 9, 16)
     y = mixer(x)
     x2 = x.clone()

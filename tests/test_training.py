@@ -152,6 +152,29 @@ def test_resume_gives_the_same_weights(tmp_path):
     assert (a["label_table"]["table"].max(1).values < 1).any()
 
 
+def test_resume_from_an_older_checkpoint_retrains_the_lost_epochs(tmp_path):
+    """With checkpoints every 3 epochs, a run cut after epoch 4 resumes from epoch 3: epoch 4 is
+    trained again (its log line replaced) and the result equals the uninterrupted run."""
+    make_tiny_demo(str(tmp_path))
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=5", "train.checkpoint_every=3")
+    full = run_training(cfg, str(tmp_path / "full"), log=lambda m: None, progress=False)
+    run_training(cfg, str(tmp_path / "cut"), stop_after_epoch=4, log=lambda m: None,
+                 progress=False)
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pth"))["epoch"] == 3
+    messages = []
+    resumed = run_training(cfg, str(tmp_path / "cut"), resume=True, log=messages.append,
+                           progress=False)
+    assert "resumed" in messages[0] and "after epoch 3" in messages[0]
+    assert full == resumed
+    a = load_checkpoint(str(tmp_path / "full" / "last.pth"))
+    b = load_checkpoint(str(tmp_path / "cut" / "last.pth"))
+    assert a["epoch"] == b["epoch"] == 5
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    lines = [json.loads(l) for l in open(tmp_path / "cut" / "log.jsonl")]
+    assert [l["epoch"] for l in lines] == [1, 2, 3, 4, 5]
+
+
 def test_train_and_eval_scripts_two_epochs(tmp_path, capsys):
     """Missing artifacts trigger preprocessing; eval.py reproduces the run's test score."""
     make_tiny_demo(str(tmp_path))
@@ -207,3 +230,26 @@ def test_bf16_resident_features(tmp_path):
     with pytest.raises(ValueError, match="resident_dtype must be one of"):
         run_training(tiny_run_config(tmp_path, "train.resident_dtype='int8'"), str(tmp_path / "x"),
                      log=lambda m: None, progress=False)
+
+
+def test_seed_study_pairs_variants_by_seed(tmp_path, capsys):
+    from inference import seed_study
+    make_tiny_demo(str(tmp_path))
+    options = [f"data_root={str(tmp_path)!r}", *TINY, "train.num_epochs=2"]
+    out = tmp_path / "study.json"
+    results, summary = seed_study.main([
+        "--config", DEMO_CONFIG, "--seeds", "1", "2", "--variant", "base",
+        "--variant", "short_mask", "train.mask_ratio=0.25", "--cfg-options", *options,
+        "--work-dir", str(tmp_path / "study"), "--out", str(out)])
+    assert set(results) == {"base", "short_mask"} and set(results["base"]) == {1, 2}
+    # a variant trained the same way as a seed's own run gives that run's numbers
+    again = run_training(tiny_run_config(tmp_path, "train.num_epochs=2", "seed=2"),
+                         str(tmp_path / "again"), log=lambda m: None, progress=False)
+    assert results["base"][2][5] == pytest.approx(again["test_mAP"][5], abs=1e-12)
+    diffs = [results["short_mask"][s][20] - results["base"][s][20] for s in (1, 2)]
+    assert summary["short_mask"][20]["paired_diff_mean"] == pytest.approx(sum(diffs) / 2)
+    values = [results["base"][s][100] for s in (1, 2)]
+    assert summary["base"][100]["mean"] == pytest.approx(sum(values) / 2)
+    assert summary["base"][100]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert "paired diff vs base" in capsys.readouterr().out
+    assert json.loads(out.read_text())["variants"] == {"base": [], "short_mask": ["train.mask_ratio=0.25"]}

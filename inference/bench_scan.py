@@ -1,0 +1,139 @@
+"""Selective scan alone: the Triton kernel vs mamba_ssm's CUDA kernel vs the plain-PyTorch scan.
+
+    python -m inference.bench_scan                      # S5VH training shapes + longer sequences
+    python -m inference.bench_scan --sweep --out scan.json
+
+Times forward and forward+backward of one scan call (replayed from a CUDA graph, as in the
+training step, so launch overhead is left out) with
+E = 512 channels (d = 256, expand 2) and N = 16 states, each implementation fed the layout its
+mixer hands it: mamba_ssm gets contiguous (b, E, L) tensors, the Triton kernel the (b, L, E)-major
+views of `MambaMixer`. S5VH's training step runs 2 * 128 = 256 rows through L = 13 (encoder,
+visible frames) and L = 25 (decoder). `--sweep` also times other channel blocks and warp counts
+of the Triton kernel at those shapes.
+"""
+import argparse
+import json
+
+import torch
+
+import model.scan_triton as scan_triton
+from model.mamba import selective_scan_ref
+
+TRAINING_SHAPES = [(256, 13), (256, 25)]
+LONG_SHAPES = [(16, 64), (16, 128), (16, 256), (16, 1024), (256, 64), (256, 128), (256, 256)]
+
+
+def make_inputs(b, E, L, N, layout, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return scale * torch.randn(*shape, device="cuda", generator=gen)
+
+    if layout == "triton":   # what MambaMixer passes: projections' outputs, transposed views
+        u, delta, z = (rand(b, L, E, scale=s).to(dtype).transpose(1, 2) for s in (1.0, 0.5, 1.0))
+        B, C = (rand(b, L, N).to(dtype).transpose(1, 2) for _ in range(2))
+    else:                    # what mamba_ssm.Mamba passes its kernel
+        u, delta, z = (rand(b, E, L, scale=s).to(dtype) for s in (1.0, 0.5, 1.0))
+        B, C = (rand(b, N, L).to(dtype) for _ in range(2))
+    A = -(torch.rand(E, N, device="cuda", generator=gen) + 0.5)
+    D, bias = rand(E), rand(E)
+    tensors = [u, delta, A, B, C, D, z, bias]
+    return [t.detach().requires_grad_() for t in tensors]
+
+
+def replay_ms(fn, rounds=5, replays=10):
+    """Median time of one call of `fn`, replayed from a CUDA graph: the kernels' time without
+    Python and launch overhead, as in the captured training step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return sorted(times)[len(times) // 2]
+
+
+def time_scan(scan, inputs):
+    u, delta, A, B, C, D, z, bias = inputs
+    grad_out = torch.ones_like(u)
+
+    def forward():
+        with torch.no_grad():
+            scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
+
+    def forward_backward():
+        y = scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
+        torch.autograd.grad(y, inputs, grad_out)
+
+    return replay_ms(forward), replay_ms(forward_backward)
+
+
+def triton_with(block, warps):
+    def scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
+        return scan_triton._SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias,
+                                                delta_softplus, block, warps)
+    return scan
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--no-ref", action="store_true", help="skip the plain-PyTorch scan")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the scan benchmark needs a CUDA device")
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    dtype = getattr(torch, args.dtype)
+    E, N = 512, 16
+    rows = []
+    for b, L in TRAINING_SHAPES + LONG_SHAPES:
+        impls = {"cuda": (selective_scan_fn, "cuda"),
+                 "triton": (scan_triton.selective_scan_triton, "triton")}
+        if not args.no_ref and L <= 256:
+            impls["plain"] = (selective_scan_ref, "triton")
+        if args.sweep and (b, L) in TRAINING_SHAPES:
+            for block in (16, 32, 64):
+                for warps in (1, 2, 4, 8):
+                    impls[f"triton block={block} warps={warps}"] = (triton_with(block, warps),
+                                                                    "triton")
+        row = {"b": b, "L": L, "E": E, "N": N, "dtype": args.dtype}
+        for name, (scan, layout) in impls.items():
+            fwd, fwd_bwd = time_scan(scan, make_inputs(b, E, L, N, layout, dtype))
+            row[name] = {"fwd_ms": round(fwd, 4), "fwd_bwd_ms": round(fwd_bwd, 4)}
+        row["triton_speedup_fwd_bwd"] = round(row["cuda"]["fwd_bwd_ms"]
+                                              / row["triton"]["fwd_bwd_ms"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'b':>5}{'L':>6}{'cuda fwd':>10}{'triton fwd':>12}{'cuda f+b':>10}"
+          f"{'triton f+b':>12}{'speed-up f+b':>14}")
+    for r in rows:
+        print(f"{r['b']:>5}{r['L']:>6}{r['cuda']['fwd_ms']:>10.3f}{r['triton']['fwd_ms']:>12.3f}"
+              f"{r['cuda']['fwd_bwd_ms']:>10.3f}{r['triton']['fwd_bwd_ms']:>12.3f}"
+              f"{r['triton_speedup_fwd_bwd']:>13.2f}x")
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "defaults": {"block": scan_triton.BLOCK_E, "warps": scan_triton.NUM_WARPS},
+              "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Selective scan in Triton for short sequences (tens to a few hundred frames).
+
+The same function as `model.mamba.selective_scan_ref` (same arguments, same float32 arithmetic),
+written for the shapes of S5VH training: many channels (b * E = 256 * 512) and few time steps
+(L = 13 visible frames in the encoder, 25 in the decoder). One program owns a block of channels
+of one video; the (channels, N) state lives in registers and the program walks the L steps
+itself, so nothing is reduced across programs except dB and dC, which each program writes as a
+partial sum that one `sum` adds up (no atomics).
+
+The backward pass recomputes the states of the forward pass into a per-program scratch buffer
+(b, E, L, N floats, released after the call; each state written once and read once) and
+then runs the reverse recurrence
+    g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t        (g_t = dLoss/dh_t)
+from which every input gradient follows step by step. Work and memory are linear in L; the
+programs are sequential in L, so very long sequences with few channels are better served by
+mamba_ssm's chunked kernel (`model.mamba_impl='cuda'`).
+
+Shapes: u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L); D, delta_bias: (E,). Any strides.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Channels per program and warps: the fastest of 16/32/64 channels x 1/2/4/8 warps for S5VH's
+# training shapes on an H100 (`python -m inference.bench_scan --sweep`).
+BLOCK_E = 64
+NUM_WARPS = 1
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)   # as torch.nn.functional.softplus: identity above it
+
+
+@triton.jit
+def _softplus(x):
+    # exp of the clipped value: the branch not taken must not overflow either
+    return tl.where(x > SOFTPLUS_THRESHOLD, x,
+                    tl.log(1.0 + tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+@triton.jit
+def _load_step(ptr, b, rows, t, stride_b, stride_row, stride_t, mask):
+    """One time step of a (b, rows, L) tensor for one video as float32: (len(rows),)."""
+    return tl.load(ptr + b * stride_b + rows * stride_row + t * stride_t, mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
+                     E, L,
+                     su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
+                     sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_e, sy_l,
+                     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                         # (BLOCK,)
+    n = tl.arange(0, N_PAD)                                                    # (N_PAD,)
+    e_ok, n_ok = e < E, n < N
+    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=e_ok[:, None] & n_ok[None, :],
+                other=0.0)                                                     # (BLOCK, N_PAD)
+    Dv = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+    bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0) if HAS_BIAS else 0.0
+    h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
+    for t in range(L):
+        u = _load_step(u_ptr, b, e, t, su_b, su_e, su_l, e_ok)
+        dt = _load_step(dt_ptr, b, e, t, sdt_b, sdt_e, sdt_l, e_ok) + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
+        Ct = _load_step(C_ptr, b, n, t, sC_b, sC_n, sC_l, n_ok)
+        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+        if HAS_Z:
+            zt = _load_step(z_ptr, b, e, t, sz_b, sz_e, sz_l, e_ok)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(y_ptr + b * sy_b + e * sy_e + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=e_ok)
+
+
+@triton.jit
+def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dout_ptr,
+                     states_ptr, du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+                     dbias_ptr,
+                     E, L,
+                     su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
+                     sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, so_b, so_e, so_l,
+                     sg_b, sg_e, sg_l,
+                     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Gradients of one block of channels of one video.
+
+    du, ddt, dz are written with the strides sg_* (one layout for the three); the reductions
+    over channels (dB, dC: (b, blocks, N, L)) and over videos (dA: (b, E, N); dD, dbias: (b, E))
+    are partial sums the caller adds up.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    e = block * BLOCK + tl.arange(0, BLOCK)
+    n = tl.arange(0, N_PAD)
+    e_ok, n_ok = e < E, n < N
+    tile = tl.arange(0, BLOCK)[:, None] * N_PAD + n[None, :]                  # (BLOCK, N_PAD)
+    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=e_ok[:, None] & n_ok[None, :],
+                other=0.0)
+    Dv = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+    bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0) if HAS_BIAS else 0.0
+    states = states_ptr + (b * blocks + block) * L * BLOCK * N_PAD             # this program's
+
+    # forward again, keeping h_0 .. h_{L-2} for the reverse pass; h_{L-1} stays in registers
+    h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
+    for t in range(L):
+        u = _load_step(u_ptr, b, e, t, su_b, su_e, su_l, e_ok)
+        dt = _load_step(dt_ptr, b, e, t, sdt_b, sdt_e, sdt_l, e_ok) + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
+        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+        if t < L - 1:
+            tl.store(states + t * BLOCK * N_PAD + tile, h)
+    tl.debug_barrier()   # the reverse pass reads states other threads of the program wrote
+
+    carry = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)     # exp(delta_{t+1} A) g_{t+1}
+    dA_sum = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
+    dD_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    dbias_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for step in range(L):
+        t = L - 1 - step
+        u = _load_step(u_ptr, b, e, t, su_b, su_e, su_l, e_ok)
+        dt_in = _load_step(dt_ptr, b, e, t, sdt_b, sdt_e, sdt_l, e_ok) + bias
+        dt = _softplus(dt_in) if SOFTPLUS else dt_in
+        Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
+        Ct = _load_step(C_ptr, b, n, t, sC_b, sC_n, sC_l, n_ok)
+        dy = _load_step(dout_ptr, b, e, t, so_b, so_e, so_l, e_ok)
+        # h holds h_t; load h_{t-1} (h_{-1} = 0: the mask, all of tile < t * tile size, is
+        # true iff t > 0). Each state is read once: it becomes h of the next (earlier) step.
+        h_prev = tl.load(states + (t - 1) * BLOCK * N_PAD + tile,
+                         mask=tile < t * BLOCK * N_PAD, other=0.0)
+        if HAS_Z:
+            zt = _load_step(z_ptr, b, e, t, sz_b, sz_e, sz_l, e_ok)
+            gate = tl.sigmoid(zt)
+            y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+            dz = dy * y * gate * (1.0 + zt * (1.0 - gate))
+            tl.store(dz_ptr + b * sg_b + e * sg_e + t * sg_l,
+                     dz.to(dz_ptr.dtype.element_ty), mask=e_ok)
+            dy = dy * zt * gate
+        g = carry + dy[:, None] * Ct[None, :]                                  # dLoss/dh_t
+        decay = tl.exp(dt[:, None] * A)
+        g_decay_h = g * decay * h_prev
+        g_B = tl.sum(g * Bt[None, :], axis=1)                                  # (BLOCK,)
+        ddt = tl.sum(g_decay_h * A, axis=1) + g_B * u
+        du = g_B * dt + Dv * dy
+        dA_sum += g_decay_h * dt[:, None]
+        dD_sum += dy * u
+        if SOFTPLUS:
+            ddt = tl.where(dt_in > SOFTPLUS_THRESHOLD, ddt, ddt * tl.sigmoid(dt_in))
+        dbias_sum += ddt
+        tl.store(du_ptr + b * sg_b + e * sg_e + t * sg_l, du.to(du_ptr.dtype.element_ty), mask=e_ok)
+        tl.store(ddt_ptr + b * sg_b + e * sg_e + t * sg_l, ddt.to(ddt_ptr.dtype.element_ty),
+                 mask=e_ok)
+        partial = ((b * blocks + block) * N + n) * L + t                       # (b, blocks, N, L)
+        tl.store(dB_ptr + partial, tl.sum(g * (dt * u)[:, None], axis=0), mask=n_ok)
+        tl.store(dC_ptr + partial, tl.sum(h * dy[:, None], axis=0), mask=n_ok)
+        carry = g * decay
+        h = h_prev
+    tl.store(dA_ptr + (b * E + e[:, None]) * N + n[None, :], dA_sum,
+             mask=e_ok[:, None] & n_ok[None, :])
+    tl.store(dD_ptr + b * E + e, dD_sum, mask=e_ok)
+    tl.store(dbias_ptr + b * E + e, dbias_sum, mask=e_ok)
+
+
+def _channels_last(b, E, L, like):
+    """An empty (b, E, L) tensor like `like`, stored (b, L, E): the layout the projections use."""
+    return torch.empty(b, L, E, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+class _SelectiveScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, num_warps):
+        b, E, L = u.shape
+        N = A.shape[1]
+        A, D = A.float().contiguous(), D.float().contiguous()
+        bias = delta_bias.float().contiguous() if delta_bias is not None else D
+        zz = z if z is not None else u
+        y = _channels_last(b, E, L, u)
+        grid = (b, triton.cdiv(E, block))
+        _scan_fwd_kernel[grid](
+            u, delta, zz, B, C, A, D, bias, y, E, L,
+            *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *y.stride(),
+            N=N, N_PAD=triton.next_power_of_2(N), BLOCK=block, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=num_warps)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.options = (bool(delta_softplus), block, num_warps)
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        delta_softplus, block, num_warps = ctx.options
+        b, E, L = u.shape
+        N = A.shape[1]
+        N_PAD = triton.next_power_of_2(N)
+        blocks = triton.cdiv(E, block)
+        f32 = dict(device=u.device, dtype=torch.float32)
+        bias = delta_bias.float().contiguous() if delta_bias is not None else D
+        zz = z if z is not None else u
+        # du, ddelta, dz share one (b, L, E) layout, the one the projections produced them in
+        du = _channels_last(b, E, L, u)
+        ddelta = _channels_last(b, E, L, delta)
+        dz = _channels_last(b, E, L, z) if z is not None else du     # unused without z
+        states = torch.empty(b * blocks * L * block * N_PAD, **f32)
+        dB = torch.empty(b, blocks, N, L, **f32)
+        dC = torch.empty(b, blocks, N, L, **f32)
+        dA = torch.empty(b, E, N, **f32)
+        dD = torch.empty(b, E, **f32)
+        dbias = torch.empty(b, E, **f32)
+        _scan_bwd_kernel[(b, blocks)](
+            u, delta, zz, B, C, A, D, bias, dout, states, du, ddelta, dz, dB, dC, dA, dD, dbias,
+            E, L,
+            *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(),
+            *dout.stride(), *du.stride(),
+            N=N, N_PAD=N_PAD, BLOCK=block, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps)
+        return (du, ddelta, dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                dD.sum(0), dz if z is not None else None,
+                dbias.sum(0) if delta_bias is not None else None, None, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
+    """`selective_scan_ref` as two Triton kernels (forward; backward with recomputation).
+
+    u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L); D, delta_bias: (E,); all on one CUDA
+    device. Returns y: (b, E, L) in the dtype of u (stored (b, L, E)-major).
+    """
+    b, E, L = u.shape
+    N = A.shape[1]
+    expected = {"delta": (delta, (b, E, L)), "A": (A, (E, N)), "B": (B, (b, N, L)),
+                "C": (C, (b, N, L)), "D": (D, (E,)), "z": (z, (b, E, L)),
+                "delta_bias": (delta_bias, (E,))}
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"selective scan: {name} must have shape {shape}, "
+                             f"got {tuple(tensor.shape)}")
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                BLOCK_E, NUM_WARPS)

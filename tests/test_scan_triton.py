@@ -1,0 +1,122 @@
+"""The Triton selective scan against the plain-PyTorch reference: values and every gradient.
+
+On a GPU the compiled kernels run; without one, Triton's interpreter runs the same kernels on
+the CPU (tests/conftest.py switches it on).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from model.mamba import MambaMixer, resolve_mamba_impl, selective_scan_ref  # noqa: E402
+from model.scan_triton import BLOCK_E, selective_scan_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def scan_inputs(b, E, L, N, z=True, bias=True, seed=0):
+    """Inputs in the layouts the mixer produces them in (several non-contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(DEVICE)
+
+    inputs = {
+        "u": rand(b, L, E).transpose(1, 2),                  # (b, E, L) stored (b, L, E)
+        "delta": rand(b, E, L, scale=0.5),
+        "A": -(torch.rand(E, N, generator=gen) + 0.5).to(DEVICE),
+        "B": rand(b, L, N).transpose(1, 2),
+        "C": rand(b, N, L),
+        "D": rand(E),
+        "z": rand(b, L, E).transpose(1, 2) if z else None,
+        "delta_bias": rand(E) if bias else None,
+    }
+    return {k: v.requires_grad_() if v is not None else None for k, v in inputs.items()}
+
+
+def value_and_grads(scan, inputs, grad_out, softplus=True):
+    y = scan(**inputs, delta_softplus=softplus)
+    names = [k for k, v in inputs.items() if v is not None]
+    grads = torch.autograd.grad(y, [inputs[k] for k in names], grad_out)
+    return y, dict(zip(names, grads))
+
+
+def assert_close(got, want, name, rtol=1e-5):
+    scale = want.abs().max().clamp(min=1e-6)
+    assert (got.float() - want.float()).abs().max() <= rtol * scale * 10, name
+
+
+@pytest.mark.parametrize("b,E,L,N,z,bias,softplus", [
+    (2, BLOCK_E + 16, 9, 16, True, True, True),   # two channel blocks, the last partial
+    (3, 24, 5, 12, False, False, False),     # N not a power of two; no gate, bias or softplus
+    (1, 8, 1, 4, True, True, True),          # a single step
+    (2, 16, 40, 16, True, True, True),       # more steps than S5VH's 25
+])
+def test_triton_scan_matches_reference(b, E, L, N, z, bias, softplus):
+    inputs = scan_inputs(b, E, L, N, z, bias)
+    grad_out = torch.randn(b, E, L, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y_ref, g_ref = value_and_grads(selective_scan_ref, inputs, grad_out, softplus)
+    y, g = value_and_grads(selective_scan_triton, inputs, grad_out, softplus)
+    assert y.shape == (b, E, L) and y.dtype == torch.float32
+    assert_close(y, y_ref, "y")
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert g[name].shape == g_ref[name].shape, name
+        assert_close(g[name], g_ref[name], name)
+
+
+def test_triton_scan_large_softplus_inputs_follow_torch_threshold():
+    inputs = scan_inputs(1, 8, 4, 4)
+    with torch.no_grad():
+        inputs["delta"][:, :, 1:3] += 100.0         # exp overflows float32 without the threshold
+        inputs["A"].mul_(0.01)                       # keep the decay away from exact zero
+    grad_out = torch.ones(1, 8, 4, device=DEVICE)
+    y_ref, g_ref = value_and_grads(selective_scan_ref, inputs, grad_out)
+    y, g = value_and_grads(selective_scan_triton, inputs, grad_out)
+    assert_close(y, y_ref, "y")
+    for name in g_ref:
+        assert_close(g[name], g_ref[name], name)
+
+
+def test_triton_scan_keeps_bf16_inputs_and_computes_in_float32():
+    inputs = scan_inputs(2, BLOCK_E, 7, 16)
+    low = {k: v.detach().to(torch.bfloat16) if k in ("u", "delta", "z", "B", "C") else v.detach()
+           for k, v in inputs.items()}
+    y = selective_scan_triton(**low)
+    want = selective_scan_ref(**{k: v.float() if v is not None else None for k, v in low.items()})
+    assert y.dtype == torch.bfloat16
+    assert_close(y, want, "y", rtol=1e-2)                                   # bf16 rounding of y
+
+
+def test_triton_scan_rejects_mismatched_shapes():
+    inputs = {k: v.detach() if v is not None else None for k, v in scan_inputs(2, 8, 5, 4).items()}
+    inputs["C"] = inputs["C"][:, :, :4]
+    with pytest.raises(ValueError, match=r"C must have shape \(2, 4, 5\)"):
+        selective_scan_triton(**inputs)
+
+
+def test_mamba_mixer_with_triton_scan_matches_reference_mixer():
+    torch.manual_seed(0)
+    reference = MambaMixer(16).to(DEVICE)
+    fast = MambaMixer(16, scan=selective_scan_triton).to(DEVICE)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 11, 16, device=DEVICE)
+    for mixer in (reference, fast):
+        mixer(x).square().sum().backward()
+    assert torch.allclose(fast(x), reference(x), rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-5), name
+
+
+def test_implementation_choice():
+    assert resolve_mamba_impl("auto", "cpu", 25) == "plain"
+    assert resolve_mamba_impl("plain", "cuda", 25) == "plain"
+    with pytest.raises(ValueError, match="model.mamba_impl must be one of"):
+        resolve_mamba_impl("fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="model.mamba_impl='triton' needs a CUDA device"):
+            resolve_mamba_impl("triton", "cpu")
+    else:
+        assert resolve_mamba_impl("auto", "cuda", 25) == "triton"
+        assert resolve_mamba_impl("auto", "cuda", 10_000) in ("cuda", "triton")   # cuda if installed
+        assert resolve_mamba_impl("triton", "cuda", 10_000) == "triton"
