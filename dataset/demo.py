@@ -8,6 +8,7 @@ model of the frame order separates the two classes of a group. Per-video nuisanc
 of its own, segment lengths, gain, noise) keeps the task from being trivial. Features
 are ReLU-like: non-negative and sparse.
 """
+import argparse
 import os
 
 import numpy as np
@@ -71,3 +72,28 @@ def ensure_demo_data(cfg):
     print(f"Writing the demo data set to {paths.feature_dir} (first use) ...")
     make_demo(paths.feature_dir, seed=0, frames=cfg.max_frames, dim=cfg.feature_size)
     return True
+
+
+def main(argv=None):
+    """Write a synthetic data set of any size, e.g. one the size and layout of UCF101 for an
+    end-to-end speed run:
+        python -m dataset.demo --out data/ucf --prefix ucf_ --classes 100 --db-per-class 95 \\
+            --query-per-class 38 --dim 4096
+    """
+    parser = argparse.ArgumentParser(description="Write the synthetic demo data set.")
+    parser.add_argument("--out", required=True, help="folder for the four files")
+    parser.add_argument("--prefix", default="demo_", help="file-name prefix, e.g. ucf_")
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--db-per-class", type=int, default=75)
+    parser.add_argument("--query-per-class", type=int, default=25)
+    parser.add_argument("--frames", type=int, default=25)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    make_demo(args.out, seed=args.seed, num_classes=args.classes, db_per_class=args.db_per_class,
+              query_per_class=args.query_per_class, frames=args.frames, dim=args.dim,
+              prefix=args.prefix)
+
+
+if __name__ == "__main__":
+    main()
