@@ -16,6 +16,7 @@ Implementations (`model.mamba_impl`), fixed when the model is built:
 
 Shapes: (b, L, d_model) in and out; inside, E = expand * d_model channels and N = d_state.
 """
+import importlib
 import logging
 import math
 
@@ -107,26 +108,24 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
 
-def cuda_mamba_available():
-    """A GPU and the mamba-ssm package."""
+def _gpu_and_package(name):
     if not torch.cuda.is_available():
         return False
     try:
-        import mamba_ssm  # noqa: F401
+        importlib.import_module(name)
     except ImportError:
         return False
     return True
+
+
+def cuda_mamba_available():
+    """A GPU and the mamba-ssm package."""
+    return _gpu_and_package("mamba_ssm")
 
 
 def triton_scan_available():
     """A GPU and Triton."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _gpu_and_package("triton")
 
 
 IMPL_NEEDS = {"triton": (triton_scan_available, "Triton (it ships with CUDA builds of torch)"),

@@ -43,6 +43,27 @@ def _load_step(ptr, b, rows, t, stride_b, stride_row, stride_t, mask):
 
 
 @triton.jit
+def _channel_params(A_ptr, D_ptr, bias_ptr, e, n, e_ok, n_ok, N: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    """A (BLOCK, N_PAD), D and delta_bias (BLOCK,) of a block of channels."""
+    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=e_ok[:, None] & n_ok[None, :],
+                other=0.0)
+    Dv = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+    bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0) if HAS_BIAS else 0.0
+    return A, Dv, bias
+
+
+@triton.jit
+def _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, bias, e_ok,
+                    SOFTPLUS: tl.constexpr):
+    """u_t, delta_t + bias (before softplus) and the step size dt_t of a block of channels."""
+    u = _load_step(u_ptr, b, e, t, su_b, su_e, su_l, e_ok)
+    dt_in = _load_step(dt_ptr, b, e, t, sdt_b, sdt_e, sdt_l, e_ok) + bias
+    dt = _softplus(dt_in) if SOFTPLUS else dt_in
+    return u, dt_in, dt
+
+
+@triton.jit
 def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
                      E, L,
                      su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
@@ -53,16 +74,11 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                         # (BLOCK,)
     n = tl.arange(0, N_PAD)                                                    # (N_PAD,)
     e_ok, n_ok = e < E, n < N
-    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=e_ok[:, None] & n_ok[None, :],
-                other=0.0)                                                     # (BLOCK, N_PAD)
-    Dv = tl.load(D_ptr + e, mask=e_ok, other=0.0)
-    bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0) if HAS_BIAS else 0.0
+    A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, e, n, e_ok, n_ok, N, HAS_BIAS)
     h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
     for t in range(L):
-        u = _load_step(u_ptr, b, e, t, su_b, su_e, su_l, e_ok)
-        dt = _load_step(dt_ptr, b, e, t, sdt_b, sdt_e, sdt_l, e_ok) + bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
+        u, _, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e,
+                                   sdt_l, bias, e_ok, SOFTPLUS)
         Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
         Ct = _load_step(C_ptr, b, n, t, sC_b, sC_n, sC_l, n_ok)
         h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
@@ -96,19 +112,14 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     n = tl.arange(0, N_PAD)
     e_ok, n_ok = e < E, n < N
     tile = tl.arange(0, BLOCK)[:, None] * N_PAD + n[None, :]                  # (BLOCK, N_PAD)
-    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=e_ok[:, None] & n_ok[None, :],
-                other=0.0)
-    Dv = tl.load(D_ptr + e, mask=e_ok, other=0.0)
-    bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0) if HAS_BIAS else 0.0
+    A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, e, n, e_ok, n_ok, N, HAS_BIAS)
     states = states_ptr + (b * blocks + block) * L * BLOCK * N_PAD             # this program's
 
     # forward again, keeping h_0 .. h_{L-2} for the reverse pass; h_{L-1} stays in registers
     h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
     for t in range(L):
-        u = _load_step(u_ptr, b, e, t, su_b, su_e, su_l, e_ok)
-        dt = _load_step(dt_ptr, b, e, t, sdt_b, sdt_e, sdt_l, e_ok) + bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
+        u, _, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e,
+                                   sdt_l, bias, e_ok, SOFTPLUS)
         Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
         h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
         if t < L - 1:
@@ -121,9 +132,8 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     dbias_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for step in range(L):
         t = L - 1 - step
-        u = _load_step(u_ptr, b, e, t, su_b, su_e, su_l, e_ok)
-        dt_in = _load_step(dt_ptr, b, e, t, sdt_b, sdt_e, sdt_l, e_ok) + bias
-        dt = _softplus(dt_in) if SOFTPLUS else dt_in
+        u, dt_in, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e,
+                                       sdt_l, bias, e_ok, SOFTPLUS)
         Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
         Ct = _load_step(C_ptr, b, n, t, sC_b, sC_n, sC_l, n_ok)
         dy = _load_step(dout_ptr, b, e, t, so_b, so_e, so_l, e_ok)
