@@ -11,6 +11,7 @@ import json
 import torch
 
 from model.mamba import MambaMixer, selective_scan_ref
+from utils.fileio import atomic_write_text
 
 
 def relative_error(a, b):
@@ -87,8 +88,7 @@ def main(argv=None):
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "tolerance": args.tolerance, "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_text(args.out, json.dumps(report, indent=2))
     return report
 
 
