@@ -7,10 +7,11 @@ import argparse
 import os
 
 from dataset.demo import ensure_demo_data
-from inference.evaluate import (evaluate_baselines, evaluate_checkpoint, format_table,
-                                save_codes, write_json)
+from inference.evaluate import evaluate_baselines, evaluate_checkpoint, format_table, save_codes
 from utils.cli import run_cli
 from utils.config import build_config
+from utils.device import resolve_device
+from utils.fileio import write_json
 
 
 def parse_args(argv=None):
@@ -42,7 +43,8 @@ def main(argv=None):
     rows = []
     if "s5vh" in args.method:
         checkpoint = args.checkpoint or os.path.join(args.run, "best.pth")
-        result, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint)
+        result, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint,
+                                                            resolve_device(cfg.train.device))
         rows.append({"method": "s5vh", "nbits": cfg.nbits, **result})
         out_dir = args.run or os.path.dirname(checkpoint)
         save_codes(os.path.join(out_dir, "codes.npz"), db_codes, query_codes)

@@ -10,6 +10,9 @@ from inference.evaluate import evaluate_baselines, format_table
 from optim.runner import run_training
 from utils.cli import run_cli
 from utils.config import build_config
+from utils.log import get_logger
+
+logger = get_logger("train")
 
 
 def parse_args(argv=None):
@@ -36,7 +39,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.resume:
         cfg = build_config(os.path.join(args.resume, "config.py"))
-        return run_training(cfg, args.resume, resume=True, progress=not args.no_progress)
+        return run_training(cfg, args.resume, resume_run=True, progress=not args.no_progress)
     options = list(args.cfg_options)
     if args.work_dir:
         options.append(f"work_dir={args.work_dir!r}")
@@ -44,7 +47,7 @@ def main(argv=None):
     bits = args.bits or [build_config(args.config, options).nbits]
     for nbits in bits:
         cfg = build_config(args.config, options + [f"nbits={nbits}"])
-        print(f"== S5VH {cfg.dataset}, {nbits} bits -> {cfg.paths.run_dir}")
+        logger.info(f"== S5VH {cfg.dataset}, {nbits} bits -> {cfg.paths.run_dir}")
         results = run_training(cfg, progress=not args.no_progress)
         rows.append({"method": f"s5vh ({results['selection']})", "nbits": nbits,
                      "mAP": results["test_mAP"]})

@@ -1,7 +1,8 @@
-"""S5VH training signals (SPEC 5): self (masked reconstruction), local (debiased contrastive),
-global (center alignment with soft pseudo-labels), and the label table they share.
+"""S5VH training signals (docs/method.md §6): self (masked reconstruction), local (debiased
+contrastive), global (center alignment with soft pseudo-labels), and the label table they share.
 
-Shapes: b videos per batch, B bits, K clusters, m masked frames, D feature size.
+Shapes (docs/method.md §2): b videos per batch, B bits, K clusters, m masked frames, D feature
+size, N training videos.
 """
 import math
 
@@ -99,7 +100,8 @@ class LabelTable:
         self.table = F.one_hot(labels, num_clusters).float()
 
     def update(self, index, full_view_logits, beta):
-        """index: (b,) video ids; full_view_logits: (b, K). Returns the updated rows (b, K)."""
+        """index: (b,) video ids; full_view_logits: (b, K); beta: the smoothing rate.
+        Returns the updated rows (b, K)."""
         rows = (1 - beta) * self.table[index] + beta * full_view_logits.softmax(1)
         self.table[index] = rows
         return rows

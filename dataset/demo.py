@@ -14,6 +14,9 @@ import os
 import numpy as np
 
 from dataset.io import write_features, write_labels
+from utils.log import get_logger
+
+logger = get_logger(__name__)
 
 STATES_PER_GROUP = 3
 
@@ -69,7 +72,7 @@ def ensure_demo_data(cfg):
     needed = [paths.train_feats, paths.train_labels, paths.query_feats, paths.query_labels]
     if cfg.dataset != "demo" or all(os.path.isfile(p) for p in needed):
         return False
-    print(f"Writing the demo data set to {paths.feature_dir} (first use) ...")
+    logger.info(f"Writing the demo data set to {paths.feature_dir} (first use) ...")
     make_demo(paths.feature_dir, seed=0, frames=cfg.max_frames, dim=cfg.feature_size)
     return True
 

@@ -1,4 +1,4 @@
-"""Readers and writers for the published feature and label files (SPEC section 2).
+"""Readers and writers for the published feature and label files (docs/method.md §3).
 
 Features: HDF5, key `feats`, (N, M, D), any float dtype; read in row chunks and cast to float32,
 so a file larger than memory is never loaded whole. Labels: MATLAB .mat (v5 through scipy.io, v7.3
@@ -10,10 +10,11 @@ import h5py
 import numpy as np
 import scipy.io
 
+from utils.errors import UserError
 from utils.fileio import atomic_path
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A feature, label or artifact file that cannot be used as it is."""
 
 
@@ -166,7 +167,7 @@ def write_features_streamed(path, shape, blocks, key="feats", dtype=np.float32):
 
 
 def write_matrix(path, key, matrix):
-    """An HDF5 file with one dataset (the artifacts of preprocess.py), written atomically."""
+    """An HDF5 file with one dataset (an artifact of preprocess.py), written atomically."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset(key, data=matrix)
 

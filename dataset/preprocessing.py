@@ -1,4 +1,4 @@
-"""Preprocessing (SPEC 4): mean pooling, PCA, one k-means for pseudo-labels and semantic centers,
+"""Preprocessing (docs/method.md §5): mean pooling, PCA, one k-means for pseudo-labels and semantic centers,
 and hash centers optimised from those semantic centers.
 
 Label k, semantic center k and hash center k always refer to the same cluster. Everything is
@@ -15,13 +15,16 @@ from sklearn.decomposition import PCA
 
 from dataset.io import DataError, read_matrix, write_matrix
 from dataset.protocol import train_set
-from optim.hash_centers import optimize_centers
+from dataset.hash_centers import optimize_centers
 from utils.fileio import atomic_write_text
+from utils.log import get_logger
+
+logger = get_logger(__name__)
 
 CLUSTER_ARTIFACTS = ("latent_feats", "anchors", "nearest", "semantic")
 
 
-def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3, log=print):
+def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3):
     """(N, D) mean-pooled features -> latent (N, p), centroids (K, p), nearest (N, n) cluster ids.
 
     nearest[:, 0] is each video's pseudo-label, its nearest centroid.
@@ -37,10 +40,10 @@ def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3, log
     pca = PCA(n_components=latent_dim, svd_solver="randomized" if latent_dim < min(n, dim) // 2
               else "full", random_state=seed)
     latent = pca.fit_transform(pooled).astype(np.float32)
-    log(f"PCA to {latent_dim} dims: {time.perf_counter() - start:.1f}s")
+    logger.info(f"PCA to {latent_dim} dims: {time.perf_counter() - start:.1f}s")
     start = time.perf_counter()
     kmeans = KMeans(n_clusters=nclusters, n_init=n_init, random_state=seed).fit(latent)
-    log(f"k-means with K={nclusters} ({n_init} init): {time.perf_counter() - start:.1f}s")
+    logger.info(f"k-means with K={nclusters} ({n_init} init): {time.perf_counter() - start:.1f}s")
     centroids = kmeans.cluster_centers_.astype(np.float32)
     # squared distances to every centroid without an (N, K, p) temporary
     dist = (latent ** 2).sum(1, keepdims=True) - 2 * latent @ centroids.T + (centroids ** 2).sum(1)
@@ -52,25 +55,25 @@ def normalize_rows(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _hash_centers(cfg, semantic, log):
+def _hash_centers(cfg, semantic):
     p = cfg.preprocess
     start = time.perf_counter()
     centers, report = optimize_centers(semantic.astype(np.float64), cfg.nbits, seed=cfg.seed,
-                                       init=p.center_init, alpha=p.center_alpha, rho=p.center_rho,
+                                       init=p.center_init, mu=p.center_alpha, rho=p.center_rho,
                                        rho_growth=p.center_rho_growth, rho_max=p.center_rho_max,
                                        max_iter=p.center_max_iter, sweeps=p.center_sweeps)
     report["seconds"] = round(time.perf_counter() - start, 3)
     for stage in ("init", "result"):
         q = report[stage]
-        log(f"hash centers ({stage}): min/mean Hamming {q['min_hamming']:.0f}/"
+        logger.info(f"hash centers ({stage}): min/mean Hamming {q['min_hamming']:.0f}/"
             f"{q['mean_hamming']:.2f} (need >= {q['required_min_distance']}: "
             f"{q['all_pairs_at_least_required']}), semantic correlation "
             f"{q['semantic_correlation']:.3f}, objective {q['sweep_objective']:.3f}")
     return centers.astype(np.float32), report
 
 
-def run_preprocess(cfg, log=print, centers_only=False):
-    """Write every artifact of SPEC section 2 for `cfg` (or only the hash centers for its nbits,
+def run_preprocess(cfg, centers_only=False):
+    """Write every artifact of docs/method.md §3 for `cfg` (or only the hash centers for its nbits,
     from an existing semantic.h5). Returns the hash-center quality report."""
     paths, p = cfg.paths, cfg.preprocess
     outputs = {}
@@ -79,24 +82,24 @@ def run_preprocess(cfg, log=print, centers_only=False):
     else:
         start = time.perf_counter()
         videos = train_set(cfg)
-        log(f"mean-pooling {len(videos)} training videos from {videos.path}")
+        logger.info(f"mean-pooling {len(videos)} training videos from {videos.path}")
         pooled = videos.mean_pooled(cfg, p.chunk_videos)
-        log(f"mean pooling: {time.perf_counter() - start:.1f}s")
+        logger.info(f"mean pooling: {time.perf_counter() - start:.1f}s")
         latent, centroids, nearest = cluster_features(pooled, p.latent_dim_pca, p.nclusters,
                                                       p.nearest_clusters, cfg.seed,
-                                                      p.kmeans_n_init, log)
+                                                      p.kmeans_n_init)
         del pooled
         semantic = normalize_rows(centroids)
         outputs.update(latent_feats=("feats", latent), anchors=("feats", centroids),
                        nearest=("pos", nearest), semantic=("matrix", semantic))
         sizes = np.bincount(nearest[:, 0], minlength=p.nclusters)
-        log(f"clusters: sizes {sizes.min()}..{sizes.max()}")
-    centers, report = _hash_centers(cfg, semantic, log)
+        logger.info(f"clusters: sizes {sizes.min()}..{sizes.max()}")
+    centers, report = _hash_centers(cfg, semantic)
     outputs["hash_center"] = ("matrix", centers)
     for name, (key, value) in outputs.items():
         write_matrix(paths[name], key, value)
     atomic_write_text(paths.center_report, json.dumps(report, indent=2) + "\n")
-    log(f"wrote {', '.join(os.path.basename(paths[n]) for n in outputs)} to {paths.feature_dir}")
+    logger.info(f"wrote {', '.join(os.path.basename(paths[n]) for n in outputs)} to {paths.feature_dir}")
     return report
 
 
@@ -105,15 +108,15 @@ def missing_artifacts(cfg):
             if not os.path.isfile(cfg.paths[name])]
 
 
-def ensure_preprocessed(cfg, log=print):
+def ensure_preprocessed(cfg):
     """Run the preprocessing that is missing; True when anything was computed."""
     missing = missing_artifacts(cfg)
     if not missing:
         return False
     centers_only = missing == ["hash_center"]
-    log(f"preprocessing artifacts missing ({', '.join(missing)}): running "
+    logger.info(f"preprocessing artifacts missing ({', '.join(missing)}): running "
         f"{'hash-center optimisation' if centers_only else 'preprocessing'} first")
-    run_preprocess(cfg, log, centers_only=centers_only)
+    run_preprocess(cfg, centers_only=centers_only)
     return True
 
 

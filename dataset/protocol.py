@@ -1,4 +1,5 @@
-"""Which videos are trained on, searched and used as queries, per dataset protocol (SPEC 2)."""
+"""Which videos are trained on, searched and used as queries, per dataset protocol
+(docs/method.md §3). Shapes: N videos, M frames, D feature size, C classes."""
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,9 +61,10 @@ class VideoSet:
 
 
 def holdout_split(n, fraction, seed):
-    """Seeded split of range(n) into (kept, held_out) sorted index arrays."""
+    """Seeded split of range(n) into (kept, held_out) sorted index arrays; every held-out set
+    (holdout queries, validation queries) is made by this one function."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        raise DataError(f"holdout fraction must be in (0, 1), got {fraction}")
     order = np.random.default_rng(seed).permutation(n)
     held = max(1, int(round(fraction * n)))
     return np.sort(order[held:]), np.sort(order[:held])
@@ -80,14 +82,21 @@ def _check_protocol(cfg):
         raise DataError(f"data.protocol must be one of {PROTOCOLS}, got '{cfg.data.protocol}'")
 
 
+def _holdout_parts(cfg):
+    """(kept, held-out) VideoSets of the holdout protocol's one labelled file: the kept part is
+    the training set and the database, the held-out part the queries."""
+    p, data = cfg.paths, cfg.data
+    full = _labelled_file(cfg, "train", p.train_feats, p.train_labels, data.train_label_key)
+    kept, held = holdout_split(len(full), data.holdout_queries, data.holdout_seed)
+    return full.subset("train", kept), full.subset("queries", held)
+
+
 def train_set(cfg, with_labels=False):
     """The videos training (and preprocessing) reads. Labels only when asked (never in training)."""
     _check_protocol(cfg)
     p, data = cfg.paths, cfg.data
     if data.protocol == "holdout":
-        full = _labelled_file(cfg, "train", p.train_feats, p.train_labels, data.train_label_key)
-        kept, _ = holdout_split(len(full), data.holdout_queries, data.holdout_seed)
-        train = full.subset("train", kept)
+        train, _ = _holdout_parts(cfg)
     elif with_labels:
         if not p.train_labels:
             raise DataError(f"dataset '{cfg.dataset}' has no training labels "
@@ -106,9 +115,8 @@ def retrieval_sets(cfg):
     _check_protocol(cfg)
     p, data = cfg.paths, cfg.data
     if data.protocol == "holdout":
-        full = _labelled_file(cfg, "database", p.train_feats, p.train_labels, data.train_label_key)
-        kept, held = holdout_split(len(full), data.holdout_queries, data.holdout_seed)
-        return full.subset("database", kept), full.subset("queries", held)
+        train, queries = _holdout_parts(cfg)
+        return train.subset("database", np.arange(len(train))), queries
     if data.protocol == "train_as_database":
         database = _labelled_file(cfg, "database", p.train_feats, p.train_labels,
                                   data.train_label_key)

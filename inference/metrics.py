@@ -1,10 +1,10 @@
-"""Hamming ranking and retrieval metrics (SPEC section 6), vectorised and chunked over queries.
+"""Hamming ranking and retrieval metrics (docs/method.md §7), vectorised and chunked over queries.
 
 Codes are (Q, B) query and (N, B) database matrices with entries in {-1, +1}; labels are (Q, C)
 and (N, C) one-hot or multi-hot, and a database item is relevant to a query when they share a
 class. The database is ranked by ascending Hamming distance, ties broken by database index.
 
-mAP@K follows every SSVH codebase: AP@K(q) = (1/K) sum_{r<=K} rel(r) * P@r, dividing by K.
+mAP@R follows every SSVH code base: AP@R(q) = (1/R) sum_{i<=R} rel(i) * P@i, dividing by R.
 Memory stays bounded by `chunk` x N whatever the number of queries, on CPU or CUDA.
 """
 import torch
@@ -46,7 +46,7 @@ class Relevance:
             self.query, self.db = (query_labels > 0).float(), (db_labels > 0).float()
 
     def of_ranked(self, rows, ranked):
-        """Queries `rows` (slice), (Qc, K) database indices -> (Qc, K) float relevance."""
+        """Queries `rows` (slice), (Qc, k) database indices -> (Qc, k) float relevance."""
         if self.one_hot:
             return (self.db[ranked] == self.query[rows, None]).float()
         return (torch.einsum("qc,qkc->qk", self.query[rows], self.db[ranked]) > 0).float()
@@ -59,7 +59,7 @@ class Relevance:
 
 
 def rank_topk(query_codes, db_codes, k):
-    """(Q, B), (N, B) -> (Q, k) database indices, nearest first, ties by database index."""
+    """(Q, B), (N, B) -> (Q, k) database indices of the k nearest, ties by database index."""
     n = db_codes.shape[0]
     k = min(k, n)
     dist = hamming_distance(query_codes, db_codes)
@@ -73,9 +73,9 @@ def rank_topk(query_codes, db_codes, k):
 @torch.no_grad()
 def retrieval_metrics(query_codes, db_codes, query_labels, db_labels, topk=DEFAULT_TOPK,
                       chunk=1024, device=None):
-    """mAP@K and precision@K for every K in `topk`.
+    """mAP@R and precision@R for every cut-off R in `topk`.
 
-    Returns {'mAP': {K: float}, 'precision': {K: float}}.
+    Returns {'mAP': {R: float}, 'precision': {R: float}}.
     """
     device = device or torch.as_tensor(query_codes).device
     query_codes, db_codes = _as_codes(query_codes, device), _as_codes(db_codes, device)

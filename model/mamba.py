@@ -5,7 +5,7 @@
 freely between all three. Its selective scan is either `selective_scan_ref`, which runs the
 recurrence over time in plain PyTorch and is the reference every kernel is checked against, or
 `model.scan_triton.selective_scan_triton`, a kernel for short sequences (S5VH's 25 frames) that
-is several times faster there than mamba_ssm's (`python -m inference.bench_scan`).
+is several times faster there than mamba_ssm's (`python -m tools.bench_scan`).
 
 Implementations (`model.mamba_impl`), fixed when the model is built:
     plain   MambaMixer + selective_scan_ref (any device; the CPU path)
@@ -14,22 +14,23 @@ Implementations (`model.mamba_impl`), fixed when the model is built:
     auto    triton for models of at most SHORT_SCAN_MAX_FRAMES frames, else cuda, on a CUDA
             model when the package is there; plain otherwise
 
-Shapes: (b, L, d_model) in and out; inside, E = expand * d_model channels and N = d_state.
+Shapes: (b, L, d) in and out (docs/method.md §2). Inside the scan the letters are mamba_ssm's
+and local to it: E = expand * d channels, N = d_state states, and B, C, D the state-space
+matrices (not the code length, not a video count).
 """
 import importlib
-import logging
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from utils.errors import UserError
 
 MAMBA_IMPLS = ("auto", "plain", "triton", "cuda")
 # Longest sequence for which 'auto' picks the Triton scan. It walks time in one program per
 # block of channels; mamba_ssm's chunked scan overtakes it between 64 and 128 steps at the
-# training batch (256 rows x 512 channels, H100, `python -m inference.bench_scan`).
+# training batch (256 rows x 512 channels, H100, `python -m tools.bench_scan`).
 SHORT_SCAN_MAX_FRAMES = 64
 
 
@@ -149,9 +150,8 @@ def resolve_mamba_impl(impl, device=None, max_frames=None):
     elif impl in IMPL_NEEDS:
         available, package = IMPL_NEEDS[impl]
         if not (on_gpu and available()):
-            raise RuntimeError(f"model.mamba_impl='{impl}' needs a CUDA device, a model on it "
-                               f"and {package}")
-    logger.info("Mamba mixer: %s", IMPL_NAMES[impl])
+            raise UserError(f"model.mamba_impl='{impl}' needs a CUDA device, a model on it "
+                            f"and {package}")
     return impl
 
 

@@ -1,4 +1,5 @@
-"""Sequence mixers for the backbone comparison, all (b, L, d) -> (b, L, d) and causal.
+"""Sequence mixers for the backbone comparison, all (b, L, d) -> (b, L, d) and causal
+(letters: docs/method.md §2).
 
 Each one is one scan direction: the bidirectional layer runs one mixer on the sequence and another
 on the time-reversed sequence, exactly as it does with Mamba. All parameters are created here, at
@@ -131,20 +132,27 @@ class RWKVMixer(nn.Module):
         return self.output(torch.sigmoid(r) * wkv)
 
 
-def mixer_factory(model_cfg, dim, device=None, max_frames=None):
-    """A zero-argument constructor of the configured mixer at width `dim`, for a model on
-    `device` that sees sequences of at most `max_frames`."""
+def resolve_mixer(model_cfg, device=None, max_frames=None):
+    """The implementation the configured mixer will run, decided once per model: for Mamba
+    'plain', 'triton' or 'cuda' (model/mamba.py), for the others the attention kernel or ''."""
     kind = model_cfg["mixer"]
     if kind == "mamba":
-        impl = resolve_mamba_impl(model_cfg["mamba_impl"], device, max_frames)
-        return lambda: make_mamba(dim, model_cfg["d_state"], model_cfg["d_conv"],
-                                  model_cfg["expand"], impl)
+        return resolve_mamba_impl(model_cfg["mamba_impl"], device, max_frames)
+    return model_cfg["attention_impl"] if kind == "attention" else ""
+
+
+def mixer_factory(model_cfg, impl):
+    """make(d) -> a new mixer of the configured kind at width d, with the resolved `impl`."""
+    kind = model_cfg["mixer"]
+    if kind == "mamba":
+        return lambda dim: make_mamba(dim, model_cfg["d_state"], model_cfg["d_conv"],
+                                      model_cfg["expand"], impl)
     if kind == "lstm":
-        return lambda: LSTMMixer(dim)
+        return LSTMMixer
     if kind == "attention":
-        return lambda: AttentionMixer(dim, model_cfg["num_heads"], model_cfg["attention_impl"])
+        return lambda dim: AttentionMixer(dim, model_cfg["num_heads"], impl)
     if kind == "retention":
-        return lambda: RetentionMixer(dim, model_cfg["num_heads"])
+        return lambda dim: RetentionMixer(dim, model_cfg["num_heads"])
     if kind == "rwkv":
-        return lambda: RWKVMixer(dim)
+        return RWKVMixer
     raise ValueError(f"model.mixer must be one of {MIXERS}, got '{kind}'")

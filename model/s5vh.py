@@ -1,12 +1,13 @@
-"""S5VH: bidirectional selective-state-space encoder, hash layer and masked-frame decoder (SPEC 3).
-
-Shape vocabulary: b videos, M frames per video, D frame-feature size, v visible frames of a view,
-m = M - v masked frames, d encoder width, d' decoder width, B code length (`nbits`).
+"""S5VH: bidirectional selective-state-space encoder, hash layer and masked-frame decoder
+(docs/method.md §4). Shapes use the glossary of docs/method.md §2: b videos, M frames, D feature
+size, v visible and m masked frames of a view, L the length a layer sees, d and d' the encoder
+and decoder widths, B the code length.
 """
 import torch
 import torch.nn as nn
 
-from model.mixers import mixer_factory
+from model.mamba import IMPL_NAMES
+from model.mixers import mixer_factory, resolve_mixer
 from utils.hashing import binarize
 
 VARIANT_DEPTHS = {"mini": 1, "small": 6, "base": 12}
@@ -52,8 +53,8 @@ class BidirectionalLayer(nn.Module):
         super().__init__()
         self.norm_forward = nn.LayerNorm(dim, eps=LN_EPS)
         self.norm_backward = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mixer_forward = make_mixer()
-        self.mixer_backward = None if share_directions else make_mixer()
+        self.mixer_forward = make_mixer(dim)
+        self.mixer_backward = None if share_directions else make_mixer(dim)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, h):
@@ -64,8 +65,7 @@ class BidirectionalLayer(nn.Module):
         return h + self.drop_path(forward + backward)
 
 
-def _layers(dim, depth, model_cfg, drop_path_max, device=None, max_frames=None):
-    make_mixer = mixer_factory(model_cfg, dim, device, max_frames)
+def _layers(dim, depth, model_cfg, make_mixer, drop_path_max):
     rates = torch.linspace(0, drop_path_max, depth).tolist() if depth > 1 else [0.0] * depth
     return nn.ModuleList(BidirectionalLayer(dim, make_mixer, rate, model_cfg["share_directions"])
                          for rate in rates)
@@ -74,13 +74,13 @@ def _layers(dim, depth, model_cfg, drop_path_max, device=None, max_frames=None):
 class Encoder(nn.Module):
     """Frame embedding + positions -> visible frames (time order) -> layers -> LN -> Linear."""
 
-    def __init__(self, feature_size, max_frames, model_cfg, device=None):
+    def __init__(self, feature_size, max_frames, model_cfg, make_mixer):
         super().__init__()
         dim = model_cfg["hidden_size"]
         depth = VARIANT_DEPTHS[model_cfg["variant"]]
         self.embed = nn.Linear(feature_size, dim)
         self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
-        self.layers = _layers(dim, depth, model_cfg, model_cfg["drop_path"], device, max_frames)
+        self.layers = _layers(dim, depth, model_cfg, make_mixer, model_cfg["drop_path"])
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.head = nn.Linear(dim, dim)
 
@@ -125,18 +125,15 @@ class HashLayer(nn.Module):
 class Decoder(nn.Module):
     """Visible frame codes + mask tokens -> one bidirectional layer -> predicted masked features."""
 
-    def __init__(self, nbits, feature_size, max_frames, model_cfg, device=None):
+    def __init__(self, nbits, feature_size, max_frames, model_cfg, make_mixer):
         super().__init__()
         dim = model_cfg["decoder_hidden_size"]
-        if model_cfg["decoder_order"] not in ("visible_first", "time"):
-            raise ValueError("model.decoder_order must be 'visible_first' or 'time', got "
-                             f"'{model_cfg['decoder_order']}'")
         self.order = model_cfg["decoder_order"]
         self.proj = nn.Linear(nbits, dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
-        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, 0.0, device, max_frames)
+        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, make_mixer, 0.0)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.predict = nn.Linear(dim, feature_size)
 
@@ -161,16 +158,19 @@ class Decoder(nn.Module):
 
 
 class S5VH(nn.Module):
-    """Encoder + hash layer (+ decoder for training). `forward` is pure: no state is updated."""
+    """Encoder + hash layer (+ decoder for training). `forward` is pure: no state is updated.
+
+    The mixer implementation is chosen once, here, for a model meant for `device` (None: the GPU
+    when there is one); `mixer_impl` and `describe_mixer()` say which it is."""
 
     def __init__(self, feature_size, max_frames, nbits, model_cfg, device=None):
         super().__init__()
-        if model_cfg["variant"] not in VARIANT_DEPTHS:
-            raise ValueError(f"model.variant must be one of {sorted(VARIANT_DEPTHS)}, "
-                             f"got '{model_cfg['variant']}'")
         self.nbits, self.max_frames = nbits, max_frames
-        self.encoder = Encoder(feature_size, max_frames, model_cfg, device)
-        self.decoder = Decoder(nbits, feature_size, max_frames, model_cfg, device)
+        self.mixer, self.mixer_impl = model_cfg["mixer"], resolve_mixer(model_cfg, device,
+                                                                        max_frames)
+        make_mixer = mixer_factory(model_cfg, self.mixer_impl)
+        self.encoder = Encoder(feature_size, max_frames, model_cfg, make_mixer)
+        self.decoder = Decoder(nbits, feature_size, max_frames, model_cfg, make_mixer)
         self._init_weights()
         self.hash_layer = HashLayer(model_cfg["hidden_size"], nbits)   # PyTorch's default init
 
@@ -187,6 +187,12 @@ class S5VH(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def describe_mixer(self):
+        """e.g. 'mamba (Triton short-sequence selective scan)', 'attention (sdpa)', 'lstm'."""
+        if self.mixer == "mamba":
+            return f"mamba ({IMPL_NAMES[self.mixer_impl]})"
+        return f"{self.mixer} ({self.mixer_impl})" if self.mixer_impl else self.mixer
 
     def frame_codes(self, x, visible=None):
         """x: (b, M, D), visible: (b, v) or None -> frame codes (b, v, B) in {-1, +1}."""

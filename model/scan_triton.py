@@ -16,13 +16,15 @@ programs are sequential in L, so very long sequences with few channels are bette
 mamba_ssm's chunked kernel (`model.mamba_impl='cuda'`).
 
 Shapes: u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L); D, delta_bias: (E,). Any strides.
+The letters are mamba_ssm's and local to the scan (docs/method.md §2): E channels, N states, L
+steps, and B, C, D the state-space matrices.
 """
 import torch
 import triton
 import triton.language as tl
 
 # Channels per program and warps: the fastest of 16/32/64 channels x 1/2/4/8 warps for S5VH's
-# training shapes on an H100 (`python -m inference.bench_scan --sweep`).
+# training shapes on an H100 (`python -m tools.bench_scan --sweep`).
 BLOCK_E = 64
 NUM_WARPS = 1
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)   # as torch.nn.functional.softplus: identity above it
@@ -232,11 +234,13 @@ class _SelectiveScan(torch.autograd.Function):
                 dbias.sum(0) if delta_bias is not None else None, None, None, None)
 
 
-def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
+def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True,
+                          *, block=BLOCK_E, num_warps=NUM_WARPS):
     """`selective_scan_ref` as two Triton kernels (forward; backward with recomputation).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L); D, delta_bias: (E,); all on one CUDA
-    device. Returns y: (b, E, L) in the dtype of u (stored (b, L, E)-major).
+    device. `block` channels per program and `num_warps` per program tune the kernels.
+    Returns y: (b, E, L) in the dtype of u (stored (b, L, E)-major).
     """
     b, E, L = u.shape
     N = A.shape[1]
@@ -247,5 +251,5 @@ def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_s
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"selective scan: {name} must have shape {shape}, "
                              f"got {tuple(tensor.shape)}")
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                BLOCK_E, NUM_WARPS)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block,
+                                num_warps)

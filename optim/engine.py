@@ -1,17 +1,19 @@
-"""One training step, one epoch, and encoding: the functions train.py and the tests call.
+"""One training step and one epoch (docs/method.md §6).
 
-Shapes: b videos per batch, M frames, D feature size, v visible and m = M - v masked frames per
-view, B bits, K clusters, N videos in a set.
+Shapes (docs/method.md §2): b videos per batch, M frames, D feature size, v visible and
+m = M - v masked frames per view, B bits, K clusters, N training videos.
 """
 import math
 
 import torch
 from tqdm import tqdm
 
+from inference.encode import autocast
 from model.s5vh import gather_frames
+from utils.errors import UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The training loss became NaN or Inf."""
 
 
@@ -35,12 +37,6 @@ def make_views(batch, frames, mask_ratio, generator, device):
     return visible.sort(1).values, masked.sort(1).values
 
 
-def autocast(device, enabled):
-    """bf16 autocast on CUDA when enabled; a no-op context otherwise."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                          enabled=enabled and torch.device(device).type == "cuda")
-
-
 @torch.no_grad()
 def full_view_logits(model, criterion, x, amp=False):
     """Center logits of the real-valued mean code of all M frames, without gradient or DropPath."""
@@ -52,22 +48,28 @@ def full_view_logits(model, criterion, x, amp=False):
     return criterion.center_logits(code.float())
 
 
-def training_loss(model, criterion, x, index, label_table, smoothing, visible, masked,
-                  amp=False):
+def training_loss(model, criterion, x, index, label_table, smoothing_beta, visible, masked,
+                  amp=False, one_pass=True):
     """Loss of one batch: x (b, M, D) features of videos `index` (b,); visible (2b, v) and
-    masked (2b, m) from `make_views`. Both views go through the model in one pass of 2b rows.
-    smoothing: beta, or None during warm-up. With amp the model runs in bf16 autocast; the losses
-    are computed in float32. Returns (loss, {'rec', 'con', 'ca'})."""
+    masked (2b, m) from `make_views`. smoothing_beta: beta, or None during warm-up.
+    Both views go through the model as one batch of 2b rows (`one_pass=False`: one view after
+    the other, as a plain implementation would). With amp the model runs in bf16 autocast; the
+    losses are computed in float32. Returns (loss, {'rec', 'con', 'ca'})."""
     both = torch.cat([x, x])
     with autocast(x.device, amp):
-        outputs = model(both, visible, masked)
+        if one_pass:
+            outputs = model(both, visible, masked)
+        else:
+            b = x.shape[0]
+            views = [model(x, visible[rows], masked[rows]) for rows in (slice(0, b), slice(b, None))]
+            outputs = {key: torch.cat([view[key] for view in views]) for key in views[0]}
     outputs = {key: value.float() for key, value in outputs.items()}
     targets = gather_frames(both, masked).float()                              # (2b, m, D)
-    if smoothing is None:
+    if smoothing_beta is None:
         soft_labels = label_table[index]
     else:
         soft_labels = label_table.update(index, full_view_logits(model, criterion, x, amp),
-                                         smoothing)
+                                         smoothing_beta)
     return criterion(outputs, targets, soft_labels)
 
 
@@ -83,26 +85,32 @@ class TrainStep:
     EAGER_STEPS_BEFORE_CAPTURE = 3
 
     def __init__(self, model, criterion, optimizer, features, label_table, batch_size,
-                 amp=False, cuda_graphs=False):
+                 amp=False, cuda_graphs=False, one_pass=True):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.features, self.label_table, self.amp = features, label_table, amp
-        self.batch_size = batch_size
+        self.batch_size, self.one_pass = batch_size, one_pass
+        self.device = label_table.table.device
         self.use_graphs = cuda_graphs and features.is_cuda
         self.graphs, self.eager_counts = {}, {}
 
-    def _eager(self, index, visible, masked, smoothing):
-        x = self.features[index].float()            # resident features may be stored in bf16
+    def _eager(self, index, visible, masked, smoothing_beta):
+        # features stay where they are kept (the device, or the host for a plain baseline) and
+        # in their stored dtype (bf16 resident features are widened here)
+        x = self.features[index.to(self.features.device)].to(self.device).float()
+        index, visible, masked = (t.to(self.device) for t in (index, visible, masked))
         loss, parts = training_loss(self.model, self.criterion, x, index, self.label_table,
-                                    smoothing, visible, masked, self.amp)
+                                    smoothing_beta, visible, masked, self.amp, self.one_pass)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), parts
 
-    def __call__(self, index, visible, masked, smoothing):
-        phase = smoothing is not None
+    def __call__(self, index, visible, masked, smoothing_beta):
+        """index (b,), visible (2b, v), masked (2b, m); smoothing_beta: beta or None (warm-up).
+        Returns (loss, {'rec', 'con', 'ca'}) as device tensors."""
+        phase = smoothing_beta is not None
         if not self.use_graphs or len(index) != self.batch_size:
-            return self._eager(index, visible, masked, smoothing)
+            return self._eager(index, visible, masked, smoothing_beta)
         if phase not in self.graphs:
             count = self.eager_counts.get(phase, 0)
             if count < self.EAGER_STEPS_BEFORE_CAPTURE:
@@ -110,17 +118,17 @@ class TrainStep:
                 side = torch.cuda.Stream()          # warm-up steps off the default stream
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    result = self._eager(index, visible, masked, smoothing)
+                    result = self._eager(index, visible, masked, smoothing_beta)
                 torch.cuda.current_stream().wait_stream(side)
                 return result
-            self.graphs[phase] = self._capture(index, visible, masked, smoothing)
+            self.graphs[phase] = self._capture(index, visible, masked, smoothing_beta)
         graph, buffers, outputs = self.graphs[phase]
         for buffer, value in zip(buffers, (index, visible, masked)):
             buffer.copy_(value)
         graph.replay()
         return outputs
 
-    def _capture(self, index, visible, masked, smoothing):
+    def _capture(self, index, visible, masked, smoothing_beta):
         """Capture the step on static copies of the inputs; capturing records, replay runs."""
         buffers = (index.clone(), visible.clone(), masked.clone())
         graph = torch.cuda.CUDAGraph()
@@ -129,8 +137,8 @@ class TrainStep:
             static_index, static_visible, static_masked = buffers
             loss, parts = training_loss(self.model, self.criterion,
                                         self.features[static_index].float(), static_index,
-                                        self.label_table, smoothing, static_visible,
-                                        static_masked, self.amp)
+                                        self.label_table, smoothing_beta, static_visible,
+                                        static_masked, self.amp, self.one_pass)
             loss.backward()
             self.optimizer.step()
         return graph, buffers, (loss.detach(), parts)
@@ -156,7 +164,7 @@ def train_one_epoch(step, epoch, cfg, progress=True):
     features = step.features
     device = features.device
     generator = epoch_generator(cfg.seed, epoch, device)
-    smoothing = None if epoch < t.warm_up_epoch else t.smoothing_alpha
+    smoothing_beta = None if epoch < t.warm_up_epoch else t.smoothing_beta
     batches = batch_indices(len(features), t.batch_size, generator, device)
     step.model.train()
     sums = torch.zeros(4, device=device)
@@ -165,7 +173,7 @@ def train_one_epoch(step, epoch, cfg, progress=True):
     for count, index in enumerate(bar, start=1):
         visible, masked = make_views(len(index), features.shape[1], t.mask_ratio, generator,
                                      device)
-        loss, parts = step(index, visible, masked, smoothing)
+        loss, parts = step(index, visible, masked, smoothing_beta)
         sums += torch.stack([loss, parts["rec"], parts["con"], parts["ca"]])
         if count % t.log_every == 0 or count == len(batches):
             values = (sums / count).tolist()
@@ -175,22 +183,3 @@ def train_one_epoch(step, epoch, cfg, progress=True):
                     f"loss/rec/con/ca = {values}); lower train.lr or check the features")
             bar.set_postfix(loss=f"{values[0]:.4f}")
     return dict(zip(("loss", "rec", "con", "ca"), (sums / max(len(batches), 1)).tolist()))
-
-
-@torch.no_grad()
-def encode_tensor(model, features, batch_size, device, amp=False):
-    """(N, M, D) features (any device) -> (N, B) ±1 codes on `device`."""
-    model.eval()
-    with autocast(device, amp):
-        codes = [model.encode(features[i:i + batch_size].to(device).float())
-                 for i in range(0, len(features), batch_size)]
-    return torch.cat(codes).float()
-
-
-@torch.no_grad()
-def encode_videos(model, videos, cfg, device):
-    """Codes (n, B) of a VideoSet, read from its file `eval.batch_size` videos at a time."""
-    model.eval()
-    codes = [model.encode(torch.from_numpy(block).to(device))
-             for block in videos.iter_blocks(cfg, cfg.eval.batch_size)]
-    return torch.cat(codes)

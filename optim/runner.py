@@ -1,124 +1,86 @@
-"""A whole training run: data, preprocessing, model, epochs, evaluation, model selection,
-checkpoints and logs in one run directory; resumable at any epoch boundary.
+"""A training run in one run directory: set up, resume, fit epoch by epoch, select, report.
 
-Run directory: config.py (resolved), log.jsonl (one line per epoch), last.pth (every
-`train.checkpoint_every` epochs and at the end), best.pth (the selected model), results.json (its
-test mAP@K and the selection rule used).
+Run directory: config.py (resolved), log.jsonl (one line per epoch), run.log (the messages),
+last.pth (every `train.checkpoint_every` epochs and at the end), best.pth (the selected model),
+results.json (its test mAP@R, the selection rule and what ran). `run_training` strings the steps
+together; each step is a function of a `Run`, so a caller can stop after any epoch and resume.
 """
 import json
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
-import numpy as np
 import torch
 
 from dataset.demo import ensure_demo_data
 from dataset.preprocessing import ensure_preprocessed, load_artifacts
 from dataset.protocol import retrieval_sets, train_set, validation_sets
-from inference.evaluate import score_codes, write_json
+from inference.retrieval import RetrievalSet
 from Loss.losses import LabelTable, S5VHLoss
 from model.s5vh import build_model
-from optim.engine import TrainStep, encode_tensor, encode_videos, train_one_epoch
+from optim.engine import TrainStep, train_one_epoch
+from optim.optimizer import build_optimizer
 from utils.checkpoint import load_checkpoint, model_meta, save_checkpoint
 from utils.config import config_text, dump_config
-from utils.fileio import atomic_write_text
+from utils.device import resolve_device
+from utils.fileio import atomic_write_text, write_json
+from utils.log import get_logger, log_to_file
 from utils.seed import rng_state, seed_everything, set_rng_state
+
+logger = get_logger(__name__)
 
 SELECT_RULES = ("last", "val", "test")
 SELECT_METRIC = 5          # model selection by mAP@5, as the authors' release
 RESIDENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is available")
-    return torch.device(name)
+@dataclass
+class Run:
+    """Everything one training run holds; built by `setup_run`."""
+    cfg: object
+    run_dir: str
+    device: torch.device
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    label_table: LabelTable
+    step: TrainStep
+    test_set: RetrievalSet
+    select_set: Optional[RetrievalSet]
+    num_videos: int
+    start_epoch: int = 0
+    best: dict = field(default_factory=lambda: {"score": None, "epoch": None})
+
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    def runtime(self):
+        """What ran: device, mixer implementation, dtype and CUDA graphs."""
+        cuda = self.device.type == "cuda"
+        return {"device": str(self.device), "mixer": self.model.describe_mixer(),
+                "dtype": "bfloat16 autocast" if cuda and self.cfg.train.amp else "float32",
+                "cuda_graphs": bool(self.step.use_graphs)}
 
 
-def build_optimizer(cfg, model, criterion, graphs=False):
-    """AdamW over every trainable parameter (weight decay on all) and cosine annealing per epoch.
-
-    On CUDA it is the fused AdamW; for CUDA-graph replay it is also capturable and its learning
-    rate is a device tensor, which the scheduler updates in place between replays."""
-    t = cfg.train
-    params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
-    on_cuda = all(p.is_cuda for p in params)
-    lr = torch.tensor(t.lr, device=params[0].device) if graphs else t.lr
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                  fused=on_cuda or None, capturable=graphs)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.num_epochs,
-                                                           eta_min=t.min_lr)
-    return optimizer, scheduler
-
-
-class RetrievalSet:
-    """Database and queries of one protocol, with codes computed from a model on demand."""
-
-    def __init__(self, name, database, queries, train_videos=None, train_features=None):
-        self.name, self.database, self.queries = name, database, queries
-        self._train = (train_videos, train_features)
-
-    def _encode(self, model, videos, cfg, device):
-        train_videos, train_features = self._train
-        if train_videos is not None and videos.path == train_videos.path:
-            # rows of the resident training tensor: no second read of the file
-            position = {int(r): i for i, r in enumerate(train_videos.rows)}
-            if all(int(r) in position for r in videos.rows):
-                rows = torch.tensor([position[int(r)] for r in videos.rows],
-                                    device=train_features.device)
-                return encode_tensor(model, train_features[rows], cfg.eval.batch_size, device)
-        return encode_videos(model, videos, cfg, device)
-
-    def codes(self, model, cfg, device):
-        db = self._encode(model, self.database, cfg, device)
-        same = self.queries.path == self.database.path and np.array_equal(self.queries.rows,
-                                                                          self.database.rows)
-        return db, db if same else self._encode(model, self.queries, cfg, device)
-
-    def evaluate(self, model, cfg, device):
-        db_codes, query_codes = self.codes(model, cfg, device)
-        return score_codes(db_codes, query_codes, self.database.labels, self.queries.labels, cfg,
-                           device=device)
-
-
-def _log_line(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path, epoch):
-    """Drop the log lines of epochs after `epoch` (trained after the checkpoint a run resumes
-    from, so they are trained again)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] <= epoch]
-        atomic_write_text(path, "".join(lines))
-
-
-def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=print,
-                 progress=True):
-    """Train `cfg` into `run_dir` (default cfg.paths.run_dir); returns the results dict, or None
-    when stopped early by `stop_after_epoch` (as an interrupted run would be)."""
+def setup_run(cfg, run_dir=None):
+    """Inputs, preprocessing, model, optimizer and evaluation sets of a run of `cfg`."""
     t = cfg.train
     if t.select not in SELECT_RULES:
         raise ValueError(f"train.select must be one of {SELECT_RULES}, got '{t.select}'")
     if t.checkpoint_every < 1:
         raise ValueError(f"train.checkpoint_every must be at least 1, got {t.checkpoint_every}")
-    run_dir = run_dir or cfg.paths.run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
-    log_path = os.path.join(run_dir, "log.jsonl")
-    device = resolve_device(t.device)
-    seed_everything(cfg.seed)
-
-    ensure_demo_data(cfg)
-    ensure_preprocessed(cfg, log)
-    videos = train_set(cfg)
     if t.resident_dtype not in RESIDENT_DTYPES:
         raise ValueError(f"train.resident_dtype must be one of {sorted(RESIDENT_DTYPES)}, "
                          f"got '{t.resident_dtype}'")
+    run_dir = run_dir or cfg.paths.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    device = resolve_device(t.device)
+    seed_everything(cfg.seed)
+    ensure_demo_data(cfg)
+    ensure_preprocessed(cfg)
+    videos = train_set(cfg)
     features = videos.load_resident(cfg, device, RESIDENT_DTYPES[t.resident_dtype],
                                     cfg.preprocess.chunk_videos)                # (N, M, D)
     pseudo_labels, centers = load_artifacts(cfg, len(videos))
@@ -127,75 +89,125 @@ def run_training(cfg, run_dir=None, resume=False, stop_after_epoch=None, log=pri
     graphs = t.cuda_graphs and device.type == "cuda"
     optimizer, scheduler = build_optimizer(cfg, model, criterion, graphs)
     label_table = LabelTable(pseudo_labels, len(centers), device)
-    test_set = RetrievalSet("test", *retrieval_sets(cfg), videos, features)
-    select_set = {"val": lambda: RetrievalSet("val", *validation_sets(cfg, t.val_fraction, cfg.seed),
-                                              videos, features),
-                  "test": lambda: test_set, "last": lambda: None}[t.select]()
-
-    start_epoch, best = 0, {"score": None, "epoch": None}
-    if resume:
-        state = load_checkpoint(last_path, cfg)
-        model.load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        label_table.load_state_dict(state["label_table"])
-        set_rng_state(state["rng"])
-        start_epoch, best = state["epoch"], state["best"]
-        _truncate_log(log_path, start_epoch)
-        log(f"resumed {run_dir} after epoch {start_epoch}")
-    else:
-        if os.path.exists(log_path):
-            os.remove(log_path)
-        dump_config(cfg, os.path.join(run_dir, "config.py"))
-    log(f"training {len(videos)} videos on {device}, {sum(p.numel() for p in model.parameters()):,}"
-        f" parameters, {t.num_epochs} epochs, select={t.select}")
-
     step = TrainStep(model, criterion, optimizer, features, label_table, t.batch_size, t.amp,
                      graphs)
-    for epoch in range(start_epoch, t.num_epochs):
-        began = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
-        stats = train_one_epoch(step, epoch, cfg, progress)
-        scheduler.step()
-        record = {"epoch": epoch + 1, "lr": lr, **stats,
-                  "train_seconds": round(time.perf_counter() - began, 3)}
-        done = epoch + 1
-        if select_set is not None and (done % t.eval_every == 0 or done == t.num_epochs):
-            result = select_set.evaluate(model, cfg, device)
-            record[f"{select_set.name}_mAP"] = result["mAP"]
-            score = result["mAP"][SELECT_METRIC]
-            if best["score"] is None or score > best["score"]:
-                best = {"score": score, "epoch": done}
-                save_checkpoint(best_path, _weights(cfg, model, criterion, done))
-        record["seconds"] = round(time.perf_counter() - began, 3)
-        if done % t.checkpoint_every == 0 or done == t.num_epochs:
-            save_checkpoint(last_path, {
-                **_weights(cfg, model, criterion, done), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "label_table": label_table.state_dict(),
-                "rng": rng_state(), "best": best})
-        _log_line(log_path, record)
-        log(_progress_line(record))
-        if stop_after_epoch is not None and done >= stop_after_epoch and done < t.num_epochs:
-            return None
+    test_set = RetrievalSet("test", *retrieval_sets(cfg), videos, features)
+    select_set = None
+    if t.select == "val":
+        select_set = RetrievalSet("val", *validation_sets(cfg, t.val_fraction, cfg.seed), videos,
+                                  features)
+    elif t.select == "test":
+        select_set = test_set
+    return Run(cfg, run_dir, device, model, criterion, optimizer, scheduler, label_table, step,
+               test_set, select_set, len(videos))
 
+
+def start_fresh(run):
+    """A new run: an empty log and the resolved config in the run directory."""
+    if os.path.exists(run.path("log.jsonl")):
+        os.remove(run.path("log.jsonl"))
+    dump_config(run.cfg, run.path("config.py"))
+
+
+def resume(run):
+    """Restore the state of last.pth; log lines of epochs after it are dropped (retrained)."""
+    state = load_checkpoint(run.path("last.pth"), run.cfg)
+    run.model.load_state_dict(state["model"])
+    run.criterion.load_state_dict(state["criterion"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.label_table.load_state_dict(state["label_table"])
+    set_rng_state(state["rng"])
+    run.start_epoch, run.best = state["epoch"], state["best"]
+    _truncate_log(run.path("log.jsonl"), run.start_epoch)
+    logger.info(f"resumed {run.run_dir} after epoch {run.start_epoch}")
+
+
+def fit_epoch(run, epoch, progress=True):
+    """Train epoch `epoch` (0-based), evaluate it if due, save checkpoints, log; its record."""
+    t = run.cfg.train
+    began = time.perf_counter()
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    stats = train_one_epoch(run.step, epoch, run.cfg, progress)
+    run.scheduler.step()
+    done = epoch + 1
+    record = {"epoch": done, "lr": lr, **stats,
+              "train_seconds": round(time.perf_counter() - began, 3)}
+    if run.select_set is not None and (done % t.eval_every == 0 or done == t.num_epochs):
+        _evaluate_for_selection(run, done, record)
+    record["seconds"] = round(time.perf_counter() - began, 3)
+    if done % t.checkpoint_every == 0 or done == t.num_epochs:
+        save_checkpoint(run.path("last.pth"), {
+            **_weights(run, done), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "label_table": run.label_table.state_dict(),
+            "rng": rng_state(), "best": run.best})
+    with open(run.path("log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    logger.info(_progress_line(record))
+    return record
+
+
+def _evaluate_for_selection(run, done, record):
+    result = run.select_set.evaluate(run.model, run.cfg, run.device)
+    record[f"{run.select_set.name}_mAP"] = result["mAP"]
+    score = result["mAP"][SELECT_METRIC]
+    if run.best["score"] is None or score > run.best["score"]:
+        run.best = {"score": score, "epoch": done}
+        save_checkpoint(run.path("best.pth"), _weights(run, done))
+
+
+def select_and_test(run):
+    """Load the selected model (the last epoch for select='last') and score it on the test set."""
+    t = run.cfg.train
     if t.select == "last":
-        best = {"score": None, "epoch": t.num_epochs}
-        save_checkpoint(best_path, _weights(cfg, model, criterion, t.num_epochs))
+        run.best = {"score": None, "epoch": t.num_epochs}
+        save_checkpoint(run.path("best.pth"), _weights(run, t.num_epochs))
     else:
-        model.load_state_dict(load_checkpoint(best_path, cfg)["model"])
-    result = test_set.evaluate(model, cfg, device)
-    results = {"selection": t.select, "selected_epoch": best["epoch"],
-               "selection_score_mAP@5": best["score"], "nbits": cfg.nbits,
+        run.model.load_state_dict(load_checkpoint(run.path("best.pth"), run.cfg)["model"])
+    return run.test_set.evaluate(run.model, run.cfg, run.device)
+
+
+def report(run, result):
+    """results.json of the run; returns its contents."""
+    results = {"selection": run.cfg.train.select, "selected_epoch": run.best["epoch"],
+               "selection_score_mAP@5": run.best["score"], "nbits": run.cfg.nbits,
                "test_mAP": result["mAP"], "test_precision": result["precision"],
-               "epochs": t.num_epochs}
-    write_json(os.path.join(run_dir, "results.json"), results)
+               "epochs": run.cfg.train.num_epochs, "runtime": run.runtime()}
+    write_json(run.path("results.json"), results)
     return results
 
 
-def _weights(cfg, model, criterion, epoch):
-    return {"model": model.state_dict(), "criterion": criterion.state_dict(), "epoch": epoch,
-            "meta": model_meta(cfg), "config": config_text(cfg)}
+def run_training(cfg, run_dir=None, resume_run=False, progress=True):
+    """Train `cfg` into `run_dir` (default cfg.paths.run_dir), or continue it from last.pth with
+    `resume_run`; returns the results dict."""
+    run = setup_run(cfg, run_dir)
+    with log_to_file(run.path("run.log")):
+        if resume_run:
+            resume(run)
+        else:
+            start_fresh(run)
+        logger.info(f"training {run.num_videos} videos on {run.device}, "
+                    f"{sum(p.numel() for p in run.model.parameters()):,} parameters, "
+                    f"{cfg.train.num_epochs} epochs, select={cfg.train.select}")
+        runtime = run.runtime()
+        logger.info(f"mixer {runtime['mixer']}, {runtime['dtype']}, CUDA graphs "
+                    f"{'on' if runtime['cuda_graphs'] else 'off'}")
+        for epoch in range(run.start_epoch, cfg.train.num_epochs):
+            fit_epoch(run, epoch, progress)
+        return report(run, select_and_test(run))
+
+
+def _truncate_log(path, epoch):
+    """Keep the log lines of epochs up to `epoch`."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] <= epoch]
+        atomic_write_text(path, "".join(lines))
+
+
+def _weights(run, epoch):
+    return {"model": run.model.state_dict(), "criterion": run.criterion.state_dict(),
+            "epoch": epoch, "meta": model_meta(run.cfg), "config": config_text(run.cfg)}
 
 
 def _progress_line(record):

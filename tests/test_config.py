@@ -11,7 +11,7 @@ CONFIGS = os.path.join(ROOT, "configs", "S5VH")
 @pytest.mark.parametrize("name", ["act", "fcv", "ucf", "hmdb", "demo", "ucf_dev"])
 def test_every_config_resolves(name):
     cfg = build_config(os.path.join(CONFIGS, f"{name}.py"))
-    assert cfg.seed == 1 and cfg.train.temperature == 0.5 and cfg.train.smoothing_alpha == 0.01
+    assert cfg.seed == 1 and cfg.train.temperature == 0.5 and cfg.train.smoothing_beta == 0.01
     assert cfg.model.hidden_size == (64 if name == "demo" else 256)
     assert cfg.paths.feature_dir.endswith(cfg.dataset)
 

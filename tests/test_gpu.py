@@ -13,7 +13,7 @@ needs_cuda_mamba = pytest.mark.skipif(not cuda_mamba_available(),
 @needs_cuda_mamba
 @pytest.mark.parametrize("frames", [25, 30])
 def test_plain_and_triton_mixers_match_mamba_ssm(frames):
-    from inference.mamba_parity import compare
+    from tools.mamba_parity import compare
     torch.backends.cuda.matmul.allow_tf32 = False
     result = compare(frames, batch=4, d_model=64, repeats=1)
     for name in ("plain", "triton"):
@@ -42,7 +42,7 @@ def _graph_setup(amp=False, graphs=False, impl="cuda"):
 
     from Loss.losses import LabelTable, S5VHLoss
     from optim.engine import TrainStep
-    from optim.runner import build_optimizer
+    from optim.optimizer import build_optimizer
     torch.manual_seed(0)
     cfg = small_cfg(f"model.mamba_impl={impl!r}", "model.drop_path=0.0")
     model = build_model(cfg).cuda()

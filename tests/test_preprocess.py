@@ -6,7 +6,7 @@ import pytest
 import preprocess as preprocess_script
 from dataset.io import DataError, read_matrix, write_features, write_labels
 from dataset.preprocessing import ensure_preprocessed, load_artifacts, missing_artifacts
-from optim.hash_centers import (center_quality, hamming_matrix, initial_centers, min_distance,
+from dataset.hash_centers import (center_quality, hamming_matrix, initial_centers, min_distance,
                                 optimize_centers, refine_center)
 from tests.conftest import tiny_config
 
@@ -107,7 +107,7 @@ def test_preprocess_artifacts_are_consistent(tmp_path):
     cfg32 = tiny_config(tmp_path, "nbits=32", "preprocess.nclusters=6",
                         "preprocess.latent_dim_pca=32")
     assert missing_artifacts(cfg32) == ["hash_center"]
-    assert ensure_preprocessed(cfg32, log=lambda msg: None)
+    assert ensure_preprocessed(cfg32)
     assert read_matrix(cfg32.paths.hash_center, "matrix").shape == (6, 32)
     assert np.array_equal(read_matrix(p.semantic, "matrix"), semantic)
 

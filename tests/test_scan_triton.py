@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 from model.mamba import MambaMixer, resolve_mamba_impl, selective_scan_ref  # noqa: E402
 from model.scan_triton import BLOCK_E, selective_scan_triton  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -114,7 +115,7 @@ def test_implementation_choice():
     with pytest.raises(ValueError, match="model.mamba_impl must be one of"):
         resolve_mamba_impl("fast")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="model.mamba_impl='triton' needs a CUDA device"):
+        with pytest.raises(UserError, match="model.mamba_impl='triton' needs a CUDA device"):
             resolve_mamba_impl("triton", "cpu")
     else:
         assert resolve_mamba_impl("auto", "cuda", 25) == "triton"

@@ -14,13 +14,13 @@ from dataset.io import write_features, write_labels
 from Loss.losses import (CenterLogits, LabelTable, S5VHLoss, debiased_contrastive_loss,
                          reconstruction_loss, soft_cross_entropy)
 from optim.engine import NonFiniteLossError, make_views
-from optim.runner import run_training
+from optim.runner import fit_epoch, run_training, setup_run, start_fresh
 from tests.conftest import DEMO_CONFIG, tiny_config
 from utils.checkpoint import load_checkpoint
 
 
 def dcl_by_formula(z1, z2, tau, tau_plus):
-    """Per-anchor loop over the 2n codes, as SPEC section 5 states it."""
+    """Per-anchor loop over the 2n codes, as docs/method.md §6 states it."""
     z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
     n2, n = len(z), len(z1)
     losses = []
@@ -130,16 +130,22 @@ def tiny_run_config(tmp_path, *extra):
     return tiny_config(tmp_path, *TINY, *extra)
 
 
+def interrupted_run(cfg, run_dir, epochs):
+    """A run stopped after `epochs` epochs, as a killed process leaves it."""
+    run = setup_run(cfg, run_dir)
+    start_fresh(run)
+    for epoch in range(epochs):
+        fit_epoch(run, epoch, progress=False)
+
+
 def test_resume_gives_the_same_weights(tmp_path):
     make_tiny_demo(str(tmp_path))
     opts = ("train.num_epochs=4", "train.select='val'", "train.eval_every=1")
     cfg = tiny_run_config(tmp_path, *opts)
-    full = run_training(cfg, str(tmp_path / "full"), log=lambda m: None, progress=False)
-    assert run_training(cfg, str(tmp_path / "cut"), stop_after_epoch=2, log=lambda m: None,
-                        progress=False) is None
+    full = run_training(cfg, str(tmp_path / "full"), progress=False)
+    interrupted_run(cfg, str(tmp_path / "cut"), 2)
     torch.manual_seed(12345)                   # a resumed process starts from other RNG states
-    resumed = run_training(cfg, str(tmp_path / "cut"), resume=True, log=lambda m: None,
-                           progress=False)
+    resumed = run_training(cfg, str(tmp_path / "cut"), resume_run=True, progress=False)
     a = load_checkpoint(str(tmp_path / "full" / "last.pth"))
     b = load_checkpoint(str(tmp_path / "cut" / "last.pth"))
     for key in a["model"]:
@@ -152,19 +158,17 @@ def test_resume_gives_the_same_weights(tmp_path):
     assert (a["label_table"]["table"].max(1).values < 1).any()
 
 
-def test_resume_from_an_older_checkpoint_retrains_the_lost_epochs(tmp_path):
+def test_resume_from_an_older_checkpoint_retrains_the_lost_epochs(tmp_path, caplog):
     """With checkpoints every 3 epochs, a run cut after epoch 4 resumes from epoch 3: epoch 4 is
     trained again (its log line replaced) and the result equals the uninterrupted run."""
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path, "train.num_epochs=5", "train.checkpoint_every=3")
-    full = run_training(cfg, str(tmp_path / "full"), log=lambda m: None, progress=False)
-    run_training(cfg, str(tmp_path / "cut"), stop_after_epoch=4, log=lambda m: None,
-                 progress=False)
+    full = run_training(cfg, str(tmp_path / "full"), progress=False)
+    interrupted_run(cfg, str(tmp_path / "cut"), 4)
     assert load_checkpoint(str(tmp_path / "cut" / "last.pth"))["epoch"] == 3
-    messages = []
-    resumed = run_training(cfg, str(tmp_path / "cut"), resume=True, log=messages.append,
-                           progress=False)
-    assert "resumed" in messages[0] and "after epoch 3" in messages[0]
+    with caplog.at_level("INFO", logger="s5vh"):
+        resumed = run_training(cfg, str(tmp_path / "cut"), resume_run=True, progress=False)
+    assert f"resumed {tmp_path / 'cut'} after epoch 3" in caplog.text
     assert full == resumed
     a = load_checkpoint(str(tmp_path / "full" / "last.pth"))
     b = load_checkpoint(str(tmp_path / "cut" / "last.pth"))
@@ -175,19 +179,23 @@ def test_resume_from_an_older_checkpoint_retrains_the_lost_epochs(tmp_path):
     assert [l["epoch"] for l in lines] == [1, 2, 3, 4, 5]
 
 
-def test_train_and_eval_scripts_two_epochs(tmp_path, capsys):
+def test_train_and_eval_scripts_two_epochs(tmp_path, caplog):
     """Missing artifacts trigger preprocessing; eval.py reproduces the run's test score."""
     make_tiny_demo(str(tmp_path))
     opts = ["--cfg-options", f"data_root={str(tmp_path)!r}", f"work_dir={str(tmp_path / 'runs')!r}",
             *TINY, "train.num_epochs=2"]
-    rows = train_script.main(["--config", DEMO_CONFIG, "--no-progress", "--compare", "itq", *opts])
-    out = capsys.readouterr().out
-    assert "preprocessing artifacts missing" in out and "epoch 2:" in out
+    with caplog.at_level("INFO", logger="s5vh"):
+        rows = train_script.main(["--config", DEMO_CONFIG, "--no-progress", "--compare", "itq",
+                                  *opts])
+    assert "preprocessing artifacts missing" in caplog.text and "epoch 2:" in caplog.text
     run_dir = tmp_path / "runs" / "demo_16bits"
     assert sorted(os.listdir(run_dir)) == ["best.pth", "config.py", "last.pth", "log.jsonl",
-                                           "results.json"]
+                                           "results.json", "run.log"]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["selection"] == "last" and results["selected_epoch"] == 2
+    assert results["runtime"] == {"device": "cpu", "mixer": "mamba (plain-PyTorch selective scan)",
+                                  "dtype": "float32", "cuda_graphs": False}
+    assert "mixer mamba (plain-PyTorch selective scan), float32" in (run_dir / "run.log").read_text()
     assert [r["method"] for r in rows] == ["itq", "s5vh (last)"]
     log = [json.loads(l) for l in open(run_dir / "log.jsonl")]
     assert len(log) == 2 and all(k in log[0] for k in ("loss", "rec", "con", "ca", "lr", "seconds"))
@@ -204,13 +212,13 @@ def test_non_finite_loss_stops_the_run(tmp_path):
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path, "train.num_epochs=2", "train.lr=1e30", "train.log_every=1")
     with pytest.raises(NonFiniteLossError, match="non-finite loss in epoch"):
-        run_training(cfg, str(tmp_path / "run"), log=lambda m: None, progress=False)
+        run_training(cfg, str(tmp_path / "run"), progress=False)
 
 
 def test_test_selection_keeps_the_best_epoch(tmp_path):
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path, "train.num_epochs=3", "train.select='test'", "train.eval_every=1")
-    results = run_training(cfg, str(tmp_path / "run"), log=lambda m: None, progress=False)
+    results = run_training(cfg, str(tmp_path / "run"), progress=False)
     log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
     scores = [l["test_mAP"]["5"] for l in log]
     assert results["selection"] == "test"
@@ -221,7 +229,7 @@ def test_test_selection_keeps_the_best_epoch(tmp_path):
 def test_bf16_resident_features(tmp_path):
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path, "train.num_epochs=1", "train.resident_dtype='bfloat16'")
-    results = run_training(cfg, str(tmp_path / "run"), log=lambda m: None, progress=False)
+    results = run_training(cfg, str(tmp_path / "run"), progress=False)
     assert 0 < results["test_mAP"][5] <= 1
     from dataset.protocol import train_set
     stored = train_set(cfg).load_resident(cfg, "cpu", torch.bfloat16, chunk=5)
@@ -229,11 +237,11 @@ def test_bf16_resident_features(tmp_path):
     assert torch.allclose(stored.float(), torch.from_numpy(train_set(cfg).load(cfg)), rtol=1e-2)
     with pytest.raises(ValueError, match="resident_dtype must be one of"):
         run_training(tiny_run_config(tmp_path, "train.resident_dtype='int8'"), str(tmp_path / "x"),
-                     log=lambda m: None, progress=False)
+                     progress=False)
 
 
 def test_seed_study_pairs_variants_by_seed(tmp_path, capsys):
-    from inference import seed_study
+    from tools import seed_study
     make_tiny_demo(str(tmp_path))
     options = [f"data_root={str(tmp_path)!r}", *TINY, "train.num_epochs=2"]
     out = tmp_path / "study.json"
@@ -244,7 +252,7 @@ def test_seed_study_pairs_variants_by_seed(tmp_path, capsys):
     assert set(results) == {"base", "short_mask"} and set(results["base"]) == {1, 2}
     # a variant trained the same way as a seed's own run gives that run's numbers
     again = run_training(tiny_run_config(tmp_path, "train.num_epochs=2", "seed=2"),
-                         str(tmp_path / "again"), log=lambda m: None, progress=False)
+                         str(tmp_path / "again"), progress=False)
     assert results["base"][2][5] == pytest.approx(again["test_mAP"][5], abs=1e-12)
     diffs = [results["short_mask"][s][20] - results["base"][s][20] for s in (1, 2)]
     assert summary["short_mask"][20]["paired_diff_mean"] == pytest.approx(sum(diffs) / 2)

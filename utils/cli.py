@@ -1,17 +1,14 @@
-"""Entry-point wrapper: expected input problems end with one line on stderr, not a traceback."""
+"""Entry-point wrapper: logging set up once; user errors end with one line on stderr, exit 2."""
 import sys
 
-from dataset.io import DataError
-from optim.engine import NonFiniteLossError
-from utils.checkpoint import CheckpointError
-from utils.config import ConfigError
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+from utils.errors import UserError
+from utils.log import setup_logging
 
 
 def run_cli(main):
+    setup_logging()
     try:
         main()
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,4 @@
-# Hyper-parameters common to every S5VH config (SPEC sections 3-6). Per-dataset files inherit
+# Hyper-parameters common to every S5VH config (docs/method.md §4-§8). Per-dataset files inherit
 # this one and set only what differs. Every key a child or --cfg-options may set is defined here.
 
 dataset = "ucf"            # feature folder: <data_root>/<dataset>/
@@ -85,7 +85,7 @@ train = dict(
     a_cluster=0.1,             # weight of the center-alignment loss
     temperature_cluster=0.5,
     warm_up_epoch=50,
-    smoothing_alpha=0.01,
+    smoothing_beta=0.01,       # beta: rate of the label-smoothing update (the release: smoothing_alpha)
     trainable_centers=False,   # True: a random trainable classifier (the authors' release)
     device="auto",             # auto | cpu | cuda
     amp=True,                  # bf16 autocast on CUDA (ignored on CPU); mAP within seed noise of float32

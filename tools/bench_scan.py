@@ -1,7 +1,7 @@
 """Selective scan alone: the Triton kernel vs mamba_ssm's CUDA kernel vs the plain-PyTorch scan.
 
-    python -m inference.bench_scan                      # S5VH training shapes + longer sequences
-    python -m inference.bench_scan --sweep --out scan.json
+    python -m tools.bench_scan                      # S5VH training shapes + longer sequences
+    python -m tools.bench_scan --sweep --out scan.json
 
 Times forward and forward+backward of one scan call (replayed from a CUDA graph, as in the
 training step, so launch overhead is left out) with
@@ -12,6 +12,7 @@ visible frames) and L = 25 (decoder). `--sweep` also times other channel blocks 
 of the Triton kernel at those shapes.
 """
 import argparse
+import functools
 import json
 
 import torch
@@ -84,10 +85,7 @@ def time_scan(scan, inputs):
 
 
 def triton_with(block, warps):
-    def scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
-        return scan_triton._SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias,
-                                                delta_softplus, block, warps)
-    return scan
+    return functools.partial(scan_triton.selective_scan_triton, block=block, num_warps=warps)
 
 
 def main(argv=None):

@@ -3,7 +3,7 @@
 Compares the forward output and the gradient of every parameter (and of the input) as relative
 errors ||mixer - cuda|| / ||cuda||, and times forward+backward of all three.
 
-    python -m inference.mamba_parity --frames 25 30 256 2048 --out parity.json
+    python -m tools.mamba_parity --frames 25 30 256 2048 --out parity.json
 """
 import argparse
 import json

@@ -1,8 +1,8 @@
 """Speed benchmark on the device present; writes JSON and a figure (matplotlib).
 
-    python -m inference.benchmark --out bench/          # all parts
-    python -m inference.benchmark --parts train --steps 20
-    python -m inference.benchmark --parts frames --out bench/   # added to bench/benchmark.json
+    python -m tools.benchmark --out bench/          # all parts
+    python -m tools.benchmark --parts train --steps 20
+    python -m tools.benchmark --parts frames --out bench/   # added to bench/benchmark.json
 
 a. training: throughput of the plain step and of each optimisation added in turn, on a synthetic
    UCF-size set (9,537 x 25 x 4096), `small`, 64 bits, batch 128; both phases (warm-up, and after
@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from inference.encode import encode
 from inference.metrics import retrieval_metrics
 from Loss.losses import LabelTable, S5VHLoss
 from model.s5vh import build_model
-from model.s5vh import gather_frames
-from optim.engine import (TrainStep, autocast, encode_tensor, epoch_generator, full_view_logits,
-                          make_views)
-from optim.runner import build_optimizer
+from optim.engine import TrainStep, epoch_generator, make_views
+from optim.optimizer import build_optimizer
 from utils.config import build_config
 from utils.fileio import atomic_write_text
 
@@ -68,29 +67,6 @@ LADDER = [
 ]
 
 
-def _train_step(model, criterion, optimizer, x, index, label_table, smoothing, visible, masked,
-                opts):
-    b = x.shape[0]
-    with autocast(x.device, opts.bf16):
-        if opts.one_pass:
-            outputs = model(torch.cat([x, x]), visible, masked)
-        else:
-            first = model(x, visible[:b], masked[:b])
-            second = model(x, visible[b:], masked[b:])
-            outputs = {k: torch.cat([first[k], second[k]]) for k in first}
-    outputs = {k: v.float() for k, v in outputs.items()}
-    targets = gather_frames(torch.cat([x, x]), masked).float()
-    if smoothing is None:
-        soft = label_table[index]
-    else:
-        soft = label_table.update(index, full_view_logits(model, criterion, x, opts.bf16), smoothing)
-    loss, _ = criterion(outputs, targets, soft)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
 def bench_training(device, videos, steps, warmup_steps=5):
     cfg = ucf_config()
     frames, dim, batch = cfg.max_frames, cfg.feature_size, cfg.train.batch_size
@@ -105,39 +81,25 @@ def bench_training(device, videos, steps, warmup_steps=5):
         model = build_model(ucf_config(f"model.mamba_impl={opts.mamba_impl!r}")).to(device)
         criterion = S5VHLoss(centers.cpu().numpy(), cfg.train).to(device)
         labels = LabelTable(torch.randint(0, len(centers), (videos,)), len(centers), device)
-        if opts.cuda_graph:
-            optimizer, _ = build_optimizer(cfg, model, criterion, graphs=True)
-            graphed = TrainStep(model, criterion, optimizer, features_device, labels, batch,
-                                amp=opts.bf16, cuda_graphs=True)
-        else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                                          weight_decay=cfg.train.weight_decay,
-                                          fused=opts.fused_adamw and device.type == "cuda",
-                                          foreach=False if not opts.fused_adamw else None)
+        # the library's step with the rung's options; the plain rung has them all off
+        optimizer, _ = build_optimizer(cfg, model, criterion, graphs=opts.cuda_graph,
+                                       fused=opts.fused_adamw and device.type == "cuda")
+        step = TrainStep(model, criterion, optimizer,
+                         features_device if opts.resident else features_host, labels, batch,
+                         amp=opts.bf16, cuda_graphs=opts.cuda_graph, one_pass=opts.one_pass)
         phase_rates = {}
-        for phase, smoothing in (("warm_up", None), ("smoothing", cfg.train.smoothing_alpha)):
+        for phase, smoothing_beta in (("warm_up", None), ("smoothing", cfg.train.smoothing_beta)):
             gen_dev = epoch_generator(0, 0, device)
             gen_host = epoch_generator(0, 0, "cpu")
-            elapsed = 0.0
             for step in range(warmup_steps + steps):
                 if step == warmup_steps:
                     synchronize(device)
                     start = time.perf_counter()
-                if opts.resident:
-                    index = torch.randint(0, videos, (batch,), device=device, generator=gen_dev)
-                    x = features_device[index]
-                    visible, masked = make_views(batch, frames, cfg.train.mask_ratio, gen_dev, device)
-                else:
-                    index_host = torch.randint(0, videos, (batch,), generator=gen_host)
-                    x = features_host[index_host].to(device)
-                    index = index_host.to(device)
-                    visible, masked = (t.to(device) for t in make_views(
-                        batch, frames, cfg.train.mask_ratio, gen_host, "cpu"))
-                if opts.cuda_graph:
-                    loss, _ = graphed(index, visible, masked, smoothing)
-                else:
-                    loss = _train_step(model, criterion, optimizer, x, index, labels, smoothing,
-                                       visible, masked, opts)
+                # batch order and masks drawn where the features are kept
+                gen, where = (gen_dev, device) if opts.resident else (gen_host, "cpu")
+                index = torch.randint(0, videos, (batch,), device=where, generator=gen)
+                visible, masked = make_views(batch, frames, cfg.train.mask_ratio, gen, where)
+                loss, _ = step(index, visible, masked, smoothing_beta)
                 if not opts.no_sync:
                     loss.item()
             synchronize(device)
@@ -151,7 +113,7 @@ def bench_training(device, videos, steps, warmup_steps=5):
                      "epoch_s": {p: round(e, 3) for p, e in epoch.items()},
                      "schedule_350_epochs_s": round(schedule, 1)})
         print(json.dumps(rows[-1]), flush=True)
-        del model, optimizer, criterion, labels
+        del model, optimizer, criterion, labels, step
     base = rows[0]["videos_per_s"]
     for row in rows:
         row["speedup_vs_plain"] = {p: round(row["videos_per_s"][p] / base[p], 2) for p in base}
@@ -176,9 +138,9 @@ def bench_eval(device, repeats=3):
         for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
-            db_codes = encode_tensor(model, db_feats, cfg.eval.batch_size, device, amp=True)
-            q_codes = db_codes if all_vs_all else encode_tensor(model, q_feats,
-                                                                cfg.eval.batch_size, device, amp=True)
+            db_codes = encode(model, db_feats, device, cfg.eval.batch_size, amp=True)
+            q_codes = db_codes if all_vs_all else encode(model, q_feats, device,
+                                                         cfg.eval.batch_size, amp=True)
             encoded = time.perf_counter()
             result = retrieval_metrics(q_codes, db_codes, q_labels, db_labels, topk=(100,),
                                        chunk=cfg.eval.query_chunk, device=device)
@@ -214,7 +176,7 @@ def bench_frames(device, frame_counts, batch, repeats=3):
                 times = []
                 for _ in range(repeats + 1):
                     start = time.perf_counter()
-                    encode_tensor(model, x, batch, device, amp=True)
+                    encode(model, x, device, batch, amp=True)
                     synchronize(device)
                     times.append(time.perf_counter() - start)
                 row["ms"] = round(1000 * min(times[1:]), 3)
@@ -247,7 +209,7 @@ def profile_step(device, steps=5):
         for _ in range(count):
             index = torch.randint(0, 1024, (128,), device=device, generator=gen)
             visible, masked = make_views(128, cfg.max_frames, cfg.train.mask_ratio, gen, device)
-            step(index, visible, masked, cfg.train.smoothing_alpha)
+            step(index, visible, masked, cfg.train.smoothing_beta)
         synchronize(device)
 
     run(3)
@@ -290,7 +252,7 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, nargs="+",
                         default=[25, 100, 400, 1600, 6400, 25600, 102400])
     parser.add_argument("--frames-batch", type=int, default=4)
-    parser.add_argument("--out", default="benchmark_results")
+    parser.add_argument("--out", default=os.path.join("tools", "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark measures GPU speed; no CUDA device is available")

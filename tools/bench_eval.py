@@ -1,6 +1,6 @@
 """Time and peak memory of mAP@K over random ±1 codes (the FCVID all-vs-all size by default).
 
-    python -m inference.bench_eval --queries 45600 --database 45600 --bits 64 --device cpu
+    python -m tools.bench_eval --queries 45600 --database 45600 --bits 64 --device cpu
 """
 import argparse
 import json

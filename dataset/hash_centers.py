@@ -1,13 +1,14 @@
-"""Hash centers from semantic centers: initialisation and per-center lp-box ADMM (SPEC 4.3-4.6).
+"""Hash centers from semantic centers: initialisation and per-center lp-box ADMM
+(docs/method.md §5, items 3-6).
 
 K centers of B bits. Center c is refined with the others (H, (K-1) x B) fixed by solving
 
-    min_c  (1/(K-1)) 1^T H c + alpha ||H c - s||^2
+    min_c  (1/(K-1)) 1^T H c + mu ||H c - s||^2
     s.t.   c in [-1, 1]^B,  ||c||^2 = B,  H c <= B - 2 d*
 
 where box and sphere together are exactly {-1, +1}^B, and the inequality says every other center
 is at least d* bits away. ADMM splits c into z1 (box), z2 (sphere) and a slack z3 >= 0. The
-c-update solves ((2 alpha + rho) H^T H + 2 rho I) c = r; with H^T H = V diag(lam) V^T computed
+c-update solves ((2 mu + rho) H^T H + 2 rho I) c = r; with H^T H = V diag(lam) V^T computed
 once per center, every penalty change is a diagonal rescaling, so an iteration costs a few
 B x B and (K-1) x B products and no factorisation.
 """
@@ -82,7 +83,7 @@ def semantic_targets(cosines, nbits):
     return centred * (nbits / scale) if scale > 0 else centred
 
 
-def refine_center(center, others, targets, dmin, alpha=1.0, rho=5e-5, rho_growth=1.07,
+def refine_center(center, others, targets, dmin, mu=1.0, rho=5e-5, rho_growth=1.07,
                   rho_max=1e9, max_iter=400, tol=1e-6):
     """ADMM for one center. center: (B,), others: (K-1, B), targets: (K-1,) -> (B,) ±1.
 
@@ -95,7 +96,7 @@ def refine_center(center, others, targets, dmin, alpha=1.0, rho=5e-5, rho_growth
     H = others
     eigvals, eigvecs = np.linalg.eigh(H.T @ H)                          # reused every iteration
     bound = np.full(len(H), nbits - 2.0 * dmin)
-    linear = H.sum(0) / len(H) - 2 * alpha * (H.T @ targets)            # constant part of r
+    linear = H.sum(0) / len(H) - 2 * mu * (H.T @ targets)            # constant part of r
     c = center.astype(np.float64).copy()
     z1, z2 = c.copy(), c.copy()
     z3 = np.maximum(0.0, bound - H @ c)
@@ -103,7 +104,7 @@ def refine_center(center, others, targets, dmin, alpha=1.0, rho=5e-5, rho_growth
     best, best_key = None, None
     for _ in range(max_iter):
         rhs = -linear - y1 + rho * z1 - y2 + rho * z2 - H.T @ (y3 + rho * (z3 - bound))
-        c = eigvecs @ ((eigvecs.T @ rhs) / ((2 * alpha + rho) * eigvals + 2 * rho))
+        c = eigvecs @ ((eigvecs.T @ rhs) / ((2 * mu + rho) * eigvals + 2 * rho))
         z1 = np.clip(c + y1 / rho, -1.0, 1.0)
         v = c + y2 / rho
         z2 = math.sqrt(nbits) * v / max(np.linalg.norm(v), 1e-12)
@@ -136,7 +137,7 @@ def sweep_objective(centers, semantic):
 
 
 def center_quality(centers, semantic, dmin):
-    """The report of SPEC 4.6 for (K, B) ±1 centers and (K, d) unit semantic centers."""
+    """The quality report of docs/method.md §5.6 for (K, B) ±1 centers and (K, d) unit semantic centers."""
     k = len(centers)
     upper = np.triu_indices(k, 1)
     dist = hamming_matrix(centers)[upper]
@@ -148,7 +149,7 @@ def center_quality(centers, semantic, dmin):
             "semantic_correlation": corr, "sweep_objective": float(sweep_objective(centers, semantic))}
 
 
-def optimize_centers(semantic, nbits, seed=0, init="hadamard", alpha=1.0, rho=5e-5,
+def optimize_centers(semantic, nbits, seed=0, init="hadamard", mu=1.0, rho=5e-5,
                      rho_growth=1.07, rho_max=1e9, max_iter=400, sweeps=10, log=None):
     """(K, d) unit semantic centers -> (K, B) ±1 hash centers and a report.
 
@@ -165,7 +166,7 @@ def optimize_centers(semantic, nbits, seed=0, init="hadamard", alpha=1.0, rho=5e
         for i in range(nclusters):
             rest = np.arange(nclusters) != i
             targets = semantic_targets(cosines[i, rest], nbits)
-            centers[i] = refine_center(centers[i], centers[rest], targets, dmin, alpha, rho,
+            centers[i] = refine_center(centers[i], centers[rest], targets, dmin, mu, rho,
                                        rho_growth, rho_max, max_iter)
         objective = sweep_objective(centers, semantic)
         history.append(float(objective))

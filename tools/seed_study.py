@@ -1,6 +1,6 @@
 """Train one config under several settings on the same seeds; compare test mAP with seed spread.
 
-    python -m inference.seed_study --config configs/S5VH/ucf_dev.py --seeds 1 2 3 \\
+    python -m tools.seed_study --config configs/S5VH/ucf_dev.py --seeds 1 2 3 \\
         --variant float32 train.amp=False --variant bf16 train.amp=True \\
         --cfg-options nbits=64 --work-dir work_dirs/seed_study --out seed_study.json
 
@@ -42,7 +42,7 @@ def run_study(config, seeds, variants, options, work_dir, log=print):
             cfg = build_config(config, [*options, *overrides, f"seed={seed}"])
             run_dir = os.path.join(work_dir, f"{name}_seed{seed}")
             log(f"== {name}, seed {seed} -> {run_dir}")
-            outcome = run_training(cfg, run_dir, log=lambda message: None, progress=False)
+            outcome = run_training(cfg, run_dir, progress=False)
             results[name][seed] = {k: float(outcome["test_mAP"][k]) for k in REPORTED_K}
             log("   test mAP@5/20/100 " + " / ".join(f"{v:.4f}"
                                                      for v in results[name][seed].values()))

@@ -1,8 +1,8 @@
 """Preprocessing benchmarks: hash-center optimisation speed/quality, and the whole preprocess of a
 synthetic FCVID-size feature file (time and peak memory of `preprocess.py` in a child process).
 
-    python -m dataset.bench_preprocess centers                      # K=101/B=64, K=450/B=16,32,64
-    python -m dataset.bench_preprocess fcv --root /scratch/synth    # writes ~18.7 GB once
+    python -m tools.bench_preprocess centers                      # K=101/B=64, K=450/B=16,32,64
+    python -m tools.bench_preprocess fcv --root /scratch/synth    # writes ~18.7 GB once
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from dataset.io import write_features_streamed
-from optim.hash_centers import optimize_centers
+from dataset.hash_centers import optimize_centers
 
 FCV_SHAPE = (45585, 25, 4096)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

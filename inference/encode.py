@@ -1,0 +1,32 @@
+"""Video codes from a model, for features in a tensor or streamed from a file.
+
+Shapes (docs/method.md §2): N videos, M frames, D feature size, B code length.
+"""
+import torch
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA when enabled; a no-op context otherwise (CPU always runs float32)."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                          enabled=enabled and torch.device(device).type == "cuda")
+
+
+@torch.no_grad()
+def encode(model, source, device, batch_size=512, amp=False):
+    """(N, B) ±1 float codes on `device`.
+
+    source: an (N, M, D) tensor on any device and in any float dtype, encoded `batch_size` rows at
+    a time, or an iterable of (n, M, D) blocks (numpy arrays or tensors, e.g.
+    `VideoSet.iter_blocks`). Either way each batch goes to `device` as float32 and, with `amp`,
+    runs in bf16 autocast on CUDA.
+    """
+    model.eval()
+    blocks = source
+    if torch.is_tensor(source):
+        blocks = (source[i:i + batch_size] for i in range(0, len(source), batch_size))
+    codes = []
+    with autocast(device, amp):
+        for block in blocks:
+            block = torch.as_tensor(block).to(device).float()
+            codes.append(model.encode(block))
+    return torch.cat(codes).float()

@@ -1,0 +1,50 @@
+"""A protocol's database and queries, encoded by a model and scored by Hamming ranking."""
+import numpy as np
+import torch
+
+from inference.encode import encode
+from inference.metrics import retrieval_metrics
+
+
+def score_codes(db_codes, query_codes, db_labels, query_labels, cfg, device=None):
+    """{'mAP': {R: v}, 'precision': {R: v}} for the configured cut-offs R (`eval.topk`)."""
+    return retrieval_metrics(query_codes, db_codes, query_labels, db_labels,
+                             topk=tuple(cfg.eval.topk), chunk=cfg.eval.query_chunk,
+                             device=device)
+
+
+class RetrievalSet:
+    """Database and queries (labelled VideoSets) of one protocol.
+
+    With `train_videos` and their resident (N, M, D) `train_features`, videos that are rows of the
+    training set are encoded from that tensor instead of being read from the file again.
+    """
+
+    def __init__(self, name, database, queries, train_videos=None, train_features=None):
+        self.name, self.database, self.queries = name, database, queries
+        self._train = (train_videos, train_features)
+
+    def _source(self, videos, cfg):
+        train_videos, train_features = self._train
+        if train_videos is not None and videos.path == train_videos.path:
+            position = {int(r): i for i, r in enumerate(train_videos.rows)}
+            if all(int(r) in position for r in videos.rows):
+                rows = torch.tensor([position[int(r)] for r in videos.rows],
+                                    device=train_features.device)
+                return train_features[rows]
+        return videos.iter_blocks(cfg, cfg.eval.batch_size)
+
+    def _encode(self, model, videos, cfg, device):
+        return encode(model, self._source(videos, cfg), device, cfg.eval.batch_size)
+
+    def codes(self, model, cfg, device):
+        """(database codes (N, B), query codes (Q, B)); an all-vs-all protocol encodes once."""
+        db = self._encode(model, self.database, cfg, device)
+        same = self.queries.path == self.database.path and np.array_equal(self.queries.rows,
+                                                                          self.database.rows)
+        return db, db if same else self._encode(model, self.queries, cfg, device)
+
+    def evaluate(self, model, cfg, device):
+        db_codes, query_codes = self.codes(model, cfg, device)
+        return score_codes(db_codes, query_codes, self.database.labels, self.queries.labels, cfg,
+                           device=device)

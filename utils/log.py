@@ -1,0 +1,39 @@
+"""Logging set-up, done once by the entry points: messages to the console, and to a run
+directory's `run.log` while a run writes one. Library code only calls `logging.getLogger`."""
+import contextlib
+import logging
+import sys
+
+LOGGER_NAME = "s5vh"
+_FORMAT = "%(message)s"
+
+
+def setup_logging(level=logging.INFO):
+    """Console handler on the project's logger (idempotent)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level)
+    if not any(getattr(h, "_s5vh_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler._s5vh_console = True
+        logger.addHandler(handler)
+    return logger
+
+
+def get_logger(module_name):
+    """The logger of a module, under the project's logger."""
+    return logging.getLogger(f"{LOGGER_NAME}.{module_name}")
+
+
+@contextlib.contextmanager
+def log_to_file(path):
+    """Also write the project's messages to `path` (appended) while the context is open."""
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
