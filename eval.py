@@ -2,59 +2,87 @@
 
     python eval.py --run work_dirs/demo_64bits                     # the run's selected model
     python eval.py --config configs/S5VH/demo.py --method lsh itq  # baselines
+    python eval.py --config B.py --checkpoint A/best.pth --out transfer/   # A's model on B's data
 """
 import argparse
 import os
 
 from dataset.demo import ensure_demo_data
+from dataset.protocol import check_inputs
 from inference.evaluate import evaluate_baselines, evaluate_checkpoint, format_table, save_codes
+from optim.run_dir import read_run_config
+from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
 from utils.config import build_config
 from utils.device import resolve_device
+from utils.errors import UserError
 from utils.fileio import write_json
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="config file (default for --run: RUN/config.py)")
-    parser.add_argument("--run", help="a run directory written by train.py")
+    parser.add_argument("--config", help="config file of the data to score on")
+    parser.add_argument("--run", help="a run directory written by train.py (its config and "
+                                      "selected model)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint to score (default: RUN/best.pth)")
     parser.add_argument("--method", nargs="+", default=["s5vh"], choices=["s5vh", "lsh", "itq"],
                         help="what to score")
     parser.add_argument("--bits", nargs="+", type=int, default=None,
                         help="code lengths for the baselines (default: 16 32 64)")
-    parser.add_argument("--out", default=None, help="results JSON (default: RUN/eval.json)")
+    parser.add_argument("--out", default=None,
+                        help="folder for eval.json and codes.npz (default: RUN, when the run is "
+                             "scored as it was trained; otherwise nothing is written)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. nbits=32 data_root=/data")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def resolve(args):
+    """(cfg, checkpoint or None, output folder or None), checked before any work."""
     if "s5vh" in args.method and not (args.run or args.checkpoint):
-        parser.error("scoring s5vh needs --run (or --checkpoint with --config)")
-    if not (args.config or args.run):
-        parser.error("give --config or --run")
-    return args
+        raise UserError("scoring s5vh needs --run (or --checkpoint with --config)")
+    if bool(args.config) == bool(args.run):
+        raise UserError("give --config or --run (not both)")
+    if args.run:
+        # the run's config is data: reading it executes nothing from the run directory
+        cfg, record = read_run_config(args.run, args.cfg_options, allowed=None)
+        checkpoint = args.checkpoint or os.path.join(args.run, "best.pth")
+        if args.checkpoint is None:
+            state = load_checkpoint(checkpoint, cfg)
+            if state.get("run_id") != record["run_id"]:
+                raise UserError(f"{checkpoint} belongs to another run than "
+                                f"{args.run}/config.json")
+        # results of the run's own model on its own data may go beside it; anything else not
+        own = args.checkpoint is None and not args.cfg_options
+        return cfg, checkpoint, args.out or (args.run if own else None)
+    cfg = build_config(args.config, args.cfg_options)
+    return cfg, args.checkpoint if "s5vh" in args.method else None, args.out
 
 
 def main(argv=None):
     args = parse_args(argv)
-    config = args.config or os.path.join(args.run, "config.py")
-    cfg = build_config(config, args.cfg_options)
+    cfg, checkpoint, out_dir = resolve(args)
     ensure_demo_data(cfg)
+    baselines = [m for m in args.method if m != "s5vh"]
+    bits = args.bits or [16, 32, 64]
+    check_inputs(cfg, baseline_bits=bits if "itq" in baselines else ())
     rows = []
-    if "s5vh" in args.method:
-        checkpoint = args.checkpoint or os.path.join(args.run, "best.pth")
+    codes = None
+    if checkpoint is not None:
         result, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint,
                                                             resolve_device(cfg.train.device))
         rows.append({"method": "s5vh", "nbits": cfg.nbits, **result})
-        out_dir = args.run or os.path.dirname(checkpoint)
-        save_codes(os.path.join(out_dir, "codes.npz"), db_codes, query_codes)
-    baselines = [m for m in args.method if m != "s5vh"]
+        codes = (db_codes, query_codes)
     if baselines:
-        rows += evaluate_baselines(cfg, baselines, args.bits or [16, 32, 64])
+        rows += evaluate_baselines(cfg, baselines, bits)
     print(format_table(rows, cfg.eval.topk))
-    out = args.out or (os.path.join(args.run, "eval.json") if args.run else None)
-    if out:
-        write_json(out, {"config": os.path.abspath(config), "results": rows})
+    if out_dir:
+        if codes is not None:
+            save_codes(os.path.join(out_dir, "codes.npz"), *codes)
+        write_json(os.path.join(out_dir, "eval.json"),
+                   {"config": args.run or os.path.abspath(args.config),
+                    "checkpoint": checkpoint, "cfg_options": args.cfg_options, "results": rows})
     return rows
 
 

@@ -154,14 +154,14 @@ def optimize_centers(semantic, nbits, seed=0, init="hadamard", mu=1.0, rho=5e-5,
     """(K, d) unit semantic centers -> (K, B) ±1 hash centers and a report.
 
     Sweeps refine every center in turn; they stop at `sweeps` or when the sweep objective stops
-    improving, and the best sweep's centers are returned.
+    improving, and the best sweep's centers are returned (sweeps=0: the initialisation).
     """
     nclusters = len(semantic)
     dmin = min_distance(nbits, nclusters)
     centers = initial_centers(nclusters, nbits, seed, init)
     report = {"nbits": nbits, "nclusters": nclusters, "init": center_quality(centers, semantic, dmin)}
     cosines = semantic @ semantic.T
-    best, best_objective, previous, history = None, -np.inf, None, []
+    best, best_objective, previous, history = centers.copy(), -np.inf, None, []
     for sweep in range(sweeps):
         for i in range(nclusters):
             rest = np.arange(nclusters) != i

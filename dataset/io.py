@@ -94,12 +94,22 @@ class FeatureFile:
         self.close()
 
 
+# Largest magnitude accepted in a feature: CNN features are far below it, and PCA's sums of
+# squares over thousands of dimensions stay finite in float32 under it.
+MAX_ABS_FEATURE = 1e6
+
+
 def check_finite(block, path, key="feats", offset=0):
-    """Raise when `block` holds NaN/Inf, with their count and the first video row."""
+    """Raise when `block` holds NaN/Inf or values beyond ±MAX_ABS_FEATURE, with their count and
+    the first video row."""
     bad = ~np.isfinite(block)
+    what = "NaN/Inf values"
+    if not bad.any():
+        bad = np.abs(block) > MAX_ABS_FEATURE
+        what = f"values beyond ±{MAX_ABS_FEATURE:g}"
     if bad.any():
         videos = np.nonzero(bad.reshape(len(block), -1).any(axis=1))[0]
-        raise DataError(f"{path} ['{key}']: {int(bad.sum())} NaN/Inf values in "
+        raise DataError(f"{path} ['{key}']: {int(bad.sum())} {what} in "
                         f"{len(videos)} videos (first at row {offset + int(videos[0])})")
 
 
@@ -127,8 +137,9 @@ def read_labels(path, key="labels", expected_rows=None):
     else:
         try:
             contents = scipy.io.loadmat(path)
-        except (ValueError, OSError) as err:
-            raise DataError(f"{path}: not a readable .mat file ({err})") from None
+        except Exception as err:   # scipy raises several unrelated types for a corrupt file
+            raise DataError(f"{path}: not a readable .mat file ({type(err).__name__}: "
+                            f"{err})") from None
         if key not in contents:
             present = [k for k in contents if not k.startswith("__")]
             raise DataError(f"{path}: no variable '{key}' (variables present: {present})")

@@ -1,9 +1,13 @@
-"""Preprocessing (docs/method.md §5): mean pooling, PCA, one k-means for pseudo-labels and semantic centers,
-and hash centers optimised from those semantic centers.
+"""Preprocessing (docs/method.md §5): mean pooling, PCA, one k-means for pseudo-labels and
+semantic centers, and hash centers optimised from those semantic centers.
 
-Label k, semantic center k and hash center k always refer to the same cluster. Everything is
-computed before anything is written, and each artifact is written atomically, so a failure
-leaves no partial set behind.
+Label k, semantic center k and hash center k always refer to the same cluster. The artifacts form
+two sets, the clustering (latent features, centroids, nearest clusters, semantic centers) and the
+hash centers of one code length, each with a provenance record (dataset/provenance.py): a set is
+reused only when its record matches the current inputs and config, and recomputed otherwise.
+Each set is computed before any of its files is written, and every file is written atomically.
+Computation runs with one BLAS/OpenMP thread where thread count changes floating-point sums
+(k-means, the center ADMM), so the same inputs, config and seed give the same artifacts.
 """
 import json
 import os
@@ -12,16 +16,20 @@ import time
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
+from threadpoolctl import threadpool_limits
 
+from dataset.hash_centers import optimize_centers
 from dataset.io import DataError, read_matrix, write_matrix
 from dataset.protocol import train_set
-from dataset.hash_centers import optimize_centers
-from utils.fileio import atomic_write_text
+from dataset.provenance import (feature_fingerprint, file_sha256, mark_incomplete, read_record,
+                                record_problem, write_record)
+from utils.fileio import dir_lock, remove_stale_temporaries, writable_dir, write_json
 from utils.log import get_logger
 
 logger = get_logger(__name__)
 
 CLUSTER_ARTIFACTS = ("latent_feats", "anchors", "nearest", "semantic")
+CENTER_ARTIFACTS = ("hash_center", "center_report")
 
 
 def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3):
@@ -42,7 +50,8 @@ def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3):
     latent = pca.fit_transform(pooled).astype(np.float32)
     logger.info(f"PCA to {latent_dim} dims: {time.perf_counter() - start:.1f}s")
     start = time.perf_counter()
-    kmeans = KMeans(n_clusters=nclusters, n_init=n_init, random_state=seed).fit(latent)
+    with threadpool_limits(limits=1, user_api="openmp"):   # k-means' threads add in any order
+        kmeans = KMeans(n_clusters=nclusters, n_init=n_init, random_state=seed).fit(latent)
     logger.info(f"k-means with K={nclusters} ({n_init} init): {time.perf_counter() - start:.1f}s")
     centroids = kmeans.cluster_centers_.astype(np.float32)
     # squared distances to every centroid without an (N, K, p) temporary
@@ -55,69 +64,119 @@ def normalize_rows(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _hash_centers(cfg, semantic):
+def cluster_inputs(cfg, videos):
+    """What the clustering set depends on: the training features and the clustering keys."""
     p = cfg.preprocess
+    return {"train_features": feature_fingerprint(videos.path, videos.key, videos.rows),
+            "train_videos": len(videos), "seed": cfg.seed,
+            "latent_dim_pca": p.latent_dim_pca, "nclusters": p.nclusters,
+            "kmeans_n_init": p.kmeans_n_init, "nearest_clusters": p.nearest_clusters}
+
+
+def center_inputs(cfg):
+    """What the hash centers of cfg.nbits depend on: the semantic centers and the center keys."""
+    p = cfg.preprocess
+    return {"semantic": file_sha256(cfg.paths.semantic), "nbits": cfg.nbits, "seed": cfg.seed,
+            **{key: p[key] for key in ("center_init", "center_alpha", "center_rho",
+                                       "center_rho_growth", "center_rho_max", "center_max_iter",
+                                       "center_sweeps")}}
+
+
+def compute_clusters(cfg, videos, inputs):
+    """Mean pooling, PCA and k-means; writes the clustering set and its record."""
+    p, paths = cfg.preprocess, cfg.paths
     start = time.perf_counter()
-    centers, report = optimize_centers(semantic.astype(np.float64), cfg.nbits, seed=cfg.seed,
-                                       init=p.center_init, mu=p.center_alpha, rho=p.center_rho,
-                                       rho_growth=p.center_rho_growth, rho_max=p.center_rho_max,
-                                       max_iter=p.center_max_iter, sweeps=p.center_sweeps)
-    report["seconds"] = round(time.perf_counter() - start, 3)
+    logger.info(f"mean-pooling {len(videos)} training videos from {videos.path}")
+    pooled = videos.mean_pooled(cfg, p.chunk_videos)
+    logger.info(f"mean pooling: {time.perf_counter() - start:.1f}s")
+    latent, centroids, nearest = cluster_features(pooled, p.latent_dim_pca, p.nclusters,
+                                                  p.nearest_clusters, cfg.seed, p.kmeans_n_init)
+    sizes = np.bincount(nearest[:, 0], minlength=p.nclusters)
+    logger.info(f"clusters: sizes {sizes.min()}..{sizes.max()}")
+    outputs = {"latent_feats": ("feats", latent), "anchors": ("feats", centroids),
+               "nearest": ("pos", nearest), "semantic": ("matrix", normalize_rows(centroids))}
+    mark_incomplete(paths.cluster_record, inputs)
+    for name, (key, value) in outputs.items():
+        write_matrix(paths[name], key, value)
+    write_record(paths.cluster_record, inputs, {name: paths[name] for name in CLUSTER_ARTIFACTS})
+
+
+def compute_centers(cfg, inputs):
+    """Hash centers of cfg.nbits from semantic.h5; writes them, their report and the record."""
+    p, paths = cfg.preprocess, cfg.paths
+    semantic = read_matrix(paths.semantic, "matrix", shape=(p.nclusters, None))
+    start = time.perf_counter()
+    with threadpool_limits(limits=1):       # small matrices: one thread is as fast, and exact
+        centers, report = optimize_centers(
+            semantic.astype(np.float64), cfg.nbits, seed=cfg.seed, init=p.center_init,
+            mu=p.center_alpha, rho=p.center_rho, rho_growth=p.center_rho_growth,
+            rho_max=p.center_rho_max, max_iter=p.center_max_iter, sweeps=p.center_sweeps)
+    logger.info(f"hash centers: {time.perf_counter() - start:.1f}s")
     for stage in ("init", "result"):
         q = report[stage]
         logger.info(f"hash centers ({stage}): min/mean Hamming {q['min_hamming']:.0f}/"
-            f"{q['mean_hamming']:.2f} (need >= {q['required_min_distance']}: "
-            f"{q['all_pairs_at_least_required']}), semantic correlation "
-            f"{q['semantic_correlation']:.3f}, objective {q['sweep_objective']:.3f}")
-    return centers.astype(np.float32), report
-
-
-def run_preprocess(cfg, centers_only=False):
-    """Write every artifact of docs/method.md §3 for `cfg` (or only the hash centers for its nbits,
-    from an existing semantic.h5). Returns the hash-center quality report."""
-    paths, p = cfg.paths, cfg.preprocess
-    outputs = {}
-    if centers_only:
-        semantic = read_matrix(paths.semantic, "matrix", shape=(p.nclusters, None))
-    else:
-        start = time.perf_counter()
-        videos = train_set(cfg)
-        logger.info(f"mean-pooling {len(videos)} training videos from {videos.path}")
-        pooled = videos.mean_pooled(cfg, p.chunk_videos)
-        logger.info(f"mean pooling: {time.perf_counter() - start:.1f}s")
-        latent, centroids, nearest = cluster_features(pooled, p.latent_dim_pca, p.nclusters,
-                                                      p.nearest_clusters, cfg.seed,
-                                                      p.kmeans_n_init)
-        del pooled
-        semantic = normalize_rows(centroids)
-        outputs.update(latent_feats=("feats", latent), anchors=("feats", centroids),
-                       nearest=("pos", nearest), semantic=("matrix", semantic))
-        sizes = np.bincount(nearest[:, 0], minlength=p.nclusters)
-        logger.info(f"clusters: sizes {sizes.min()}..{sizes.max()}")
-    centers, report = _hash_centers(cfg, semantic)
-    outputs["hash_center"] = ("matrix", centers)
-    for name, (key, value) in outputs.items():
-        write_matrix(paths[name], key, value)
-    atomic_write_text(paths.center_report, json.dumps(report, indent=2) + "\n")
-    logger.info(f"wrote {', '.join(os.path.basename(paths[n]) for n in outputs)} to {paths.feature_dir}")
+                    f"{q['mean_hamming']:.2f} (need >= {q['required_min_distance']}: "
+                    f"{q['all_pairs_at_least_required']}), semantic correlation "
+                    f"{q['semantic_correlation']:.3f}, objective {q['sweep_objective']:.3f}")
+    mark_incomplete(paths.center_record, inputs)
+    write_matrix(paths.hash_center, "matrix", centers.astype(np.float32))
+    write_json(paths.center_report, report)
+    write_record(paths.center_record, inputs, {name: paths[name] for name in CENTER_ARTIFACTS})
     return report
 
 
-def missing_artifacts(cfg):
-    return [name for name in CLUSTER_ARTIFACTS + ("hash_center",)
-            if not os.path.isfile(cfg.paths[name])]
-
-
-def ensure_preprocessed(cfg):
-    """Run the preprocessing that is missing; True when anything was computed."""
-    missing = missing_artifacts(cfg)
-    if not missing:
+def _needs_computing(cfg, what, record_path, inputs, names):
+    """True when the set must be computed (saying why), False when it is reused; a set of files
+    without any record stops the run unless preprocess.release_artifacts allows it."""
+    files = {name: cfg.paths[name] for name in names}
+    record = read_record(record_path)
+    problem = record_problem(record, inputs, files)
+    if problem is None:
         return False
-    centers_only = missing == ["hash_center"]
-    logger.info(f"preprocessing artifacts missing ({', '.join(missing)}): running "
-        f"{'hash-center optimisation' if centers_only else 'preprocessing'} first")
-    run_preprocess(cfg, centers_only=centers_only)
+    present = [os.path.basename(path) for path in files.values() if os.path.isfile(path)]
+    if record is None and present:
+        if cfg.preprocess.release_artifacts:
+            logger.info(f"{what}: using {', '.join(present)} without a provenance record "
+                        f"(preprocess.release_artifacts=True)")
+            return False
+        raise DataError(f"{cfg.paths.artifact_dir}: {', '.join(present)} carry no provenance "
+                        f"record (made elsewhere, e.g. by the authors' release); set "
+                        f"preprocess.release_artifacts=True to use them as they are, or remove "
+                        f"them to recompute")
+    if record is not None or present:
+        logger.info(f"{what}: recomputing, {problem}")
+    else:
+        logger.info(f"{what}: computing (first use)")
     return True
+
+
+def ensure_preprocessed(cfg, force=False):
+    """Make sure both artifact sets of `cfg` exist and match it; compute what is missing or
+    stale (everything with `force`). Returns {'clusters': ..., 'centers': ...}, each 'reused',
+    'computed' or 'unrecorded' (used under preprocess.release_artifacts)."""
+    paths = cfg.paths
+    videos = train_set(cfg)
+    writable_dir(paths.artifact_dir, "artifact directory")
+    with dir_lock(paths.artifact_dir, "artifact directory", wait=True):
+        remove_stale_temporaries(paths.artifact_dir, names=[
+            os.path.basename(paths[name]) for name in CLUSTER_ARTIFACTS + CENTER_ARTIFACTS
+            + ("cluster_record", "center_record")])
+        status = {}
+        inputs = cluster_inputs(cfg, videos)
+        if force or _needs_computing(cfg, "clustering", paths.cluster_record, inputs,
+                                     CLUSTER_ARTIFACTS):
+            compute_clusters(cfg, videos, inputs)
+            status["clusters"] = "computed"
+        else:
+            status["clusters"] = "reused" if read_record(paths.cluster_record) else "unrecorded"
+        inputs = center_inputs(cfg)
+        if force or _needs_computing(cfg, f"hash centers ({cfg.nbits} bits)",
+                                     paths.center_record, inputs, CENTER_ARTIFACTS):
+            compute_centers(cfg, inputs)
+            status["centers"] = "computed"
+        else:
+            status["centers"] = "reused" if read_record(paths.center_record) else "unrecorded"
+    return status
 
 
 def load_artifacts(cfg, num_videos):

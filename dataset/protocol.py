@@ -1,5 +1,6 @@
 """Which videos are trained on, searched and used as queries, per dataset protocol
 (docs/method.md §3). Shapes: N videos, M frames, D feature size, C classes."""
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,6 +10,8 @@ import torch
 from dataset.io import DataError, FeatureFile, check_finite, read_features, read_labels
 
 PROTOCOLS = ("train_as_database", "separate", "all_vs_all", "holdout")
+# feature files this process has scanned completely: (path, size, mtime) -> True
+_SCANNED = {}
 
 
 @dataclass
@@ -77,11 +80,6 @@ def _labelled_file(cfg, name, feats_path, labels_path, label_key):
     return VideoSet(name, feats_path, cfg.data.feature_key, np.arange(n), labels)
 
 
-def _check_protocol(cfg):
-    if cfg.data.protocol not in PROTOCOLS:
-        raise DataError(f"data.protocol must be one of {PROTOCOLS}, got '{cfg.data.protocol}'")
-
-
 def _holdout_parts(cfg):
     """(kept, held-out) VideoSets of the holdout protocol's one labelled file: the kept part is
     the training set and the database, the held-out part the queries."""
@@ -93,7 +91,6 @@ def _holdout_parts(cfg):
 
 def train_set(cfg, with_labels=False):
     """The videos training (and preprocessing) reads. Labels only when asked (never in training)."""
-    _check_protocol(cfg)
     p, data = cfg.paths, cfg.data
     if data.protocol == "holdout":
         train, _ = _holdout_parts(cfg)
@@ -112,7 +109,6 @@ def train_set(cfg, with_labels=False):
 
 def retrieval_sets(cfg):
     """(database, queries) VideoSets with labels, per `data.protocol`."""
-    _check_protocol(cfg)
     p, data = cfg.paths, cfg.data
     if data.protocol == "holdout":
         train, queries = _holdout_parts(cfg)
@@ -140,3 +136,38 @@ def validation_sets(cfg, fraction, seed):
     train = train_set(cfg, with_labels=True)
     kept, held = holdout_split(len(train), fraction, seed)
     return train.subset("val_database", kept), train.subset("val_queries", held)
+
+
+def _scan(videos, cfg):
+    """Read every value of a set's feature file once per process (NaN/Inf, magnitude)."""
+    stat = os.stat(videos.path)
+    key = (os.path.abspath(videos.path), videos.key, stat.st_size, stat.st_mtime_ns)
+    if key not in _SCANNED:
+        with FeatureFile(videos.path, videos.key, cfg.max_frames, cfg.feature_size) as feats:
+            for idx, block in feats.iter_chunks(cfg.preprocess.chunk_videos):
+                check_finite(block, videos.path, videos.key, offset=int(idx[0]))
+        _SCANNED[key] = True
+
+
+def check_inputs(cfg, baseline_bits=()):
+    """Every input of cfg's protocol, before any work: the files, their shapes and labels, every
+    feature value (finite, of sane magnitude), and the config values that depend on the data
+    (clusters, PCA size, validation split, baseline code lengths). Raises DataError."""
+    train = train_set(cfg)
+    database, queries = retrieval_sets(cfg)
+    if "val" in (cfg.train.select, cfg.train.monitor):
+        validation_sets(cfg, cfg.train.val_fraction, cfg.seed)
+    for videos in (train, database, queries):
+        _scan(videos, cfg)
+    p, n = cfg.preprocess, len(train)
+    if p.nclusters > n:
+        raise DataError(f"preprocess.nclusters={p.nclusters} is larger than the number of "
+                        f"training videos ({n})")
+    if p.latent_dim_pca > min(n, cfg.feature_size):
+        raise DataError(f"preprocess.latent_dim_pca={p.latent_dim_pca} must be at most "
+                        f"min(videos, feature size) = min({n}, {cfg.feature_size})")
+    for nbits in baseline_bits:
+        if nbits > min(n, cfg.feature_size):
+            raise DataError(f"ITQ with {nbits} bits needs at least {nbits} training videos and "
+                            f"feature dimensions, the data have {n} and {cfg.feature_size}")
+    return train, database, queries

@@ -1,9 +1,13 @@
+import json
 import os
+import re
 
 import pytest
 
 from tests.conftest import ROOT
-from utils.config import ConfigError, build_config, config_text, dump_config, parse_overrides
+from utils.errors import UserError
+from utils.config import (CHOICES, ConfigError, build_config, config_fingerprint, config_text,
+                          load_saved_config, parse_overrides, save_config)
 
 CONFIGS = os.path.join(ROOT, "configs", "S5VH")
 
@@ -74,10 +78,89 @@ def test_frozen_and_unknown_reads_raise():
         cfg.train.nope
 
 
-def test_dumped_config_reloads_identically(tmp_path):
+def test_saved_config_is_data_and_reloads_identically(tmp_path):
     cfg = build_config(os.path.join(CONFIGS, "fcv.py"), ["nbits=32", "train.lr=2e-4"])
-    path = tmp_path / "config.py"
-    dump_config(cfg, str(path))
-    again = build_config(str(path))
-    assert again.to_dict() == cfg.to_dict()
+    path = tmp_path / "config.json"
+    save_config(cfg, str(path), run_id="abc")
+    record = json.loads(path.read_text())           # plain JSON
+    assert record["run_id"] == "abc" and record["fingerprint"] == config_fingerprint(cfg)
+    again, saved = load_saved_config(str(path))
+    assert again.to_dict() == cfg.to_dict() and saved["run_id"] == "abc"
     assert config_text(again) == config_text(cfg)
+    assert config_fingerprint(again) == config_fingerprint(cfg)
+    assert config_fingerprint(build_config(os.path.join(CONFIGS, "fcv.py"), ["nbits=16"])) != \
+        config_fingerprint(cfg)
+
+
+def test_saved_config_with_code_is_not_executed(tmp_path):
+    path = tmp_path / "config.json"
+    save_config(build_config(os.path.join(CONFIGS, "ucf.py")), str(path))
+    marker = tmp_path / "executed"
+    record = json.loads(path.read_text())
+    record["config"]["dataset"] = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    path.write_text(json.dumps(record))
+    cfg, _ = load_saved_config(str(path))             # a string, never run
+    assert not marker.exists() and cfg.dataset.startswith("__import__")
+    path.write_text(path.read_text() + "\nimport os\n")
+    with pytest.raises(UserError, match="config.json: not a readable saved run config"):
+        load_saved_config(str(path))
+
+
+def test_choices_agree_with_the_implementations():
+    from dataset.protocol import PROTOCOLS
+    from model.mamba import MAMBA_IMPLS
+    from model.mixers import ATTENTION_IMPLS, MIXERS
+    from model.s5vh import VARIANT_DEPTHS
+    from optim.runner import RESIDENT_DTYPES
+    assert set(CHOICES["data.protocol"]) == set(PROTOCOLS)
+    assert set(CHOICES["model.mamba_impl"]) == set(MAMBA_IMPLS)
+    assert set(CHOICES["model.mixer"]) == set(MIXERS)
+    assert set(CHOICES["model.attention_impl"]) == set(ATTENTION_IMPLS)
+    assert set(CHOICES["model.variant"]) == set(VARIANT_DEPTHS)
+    assert set(CHOICES["train.resident_dtype"]) == set(RESIDENT_DTYPES)
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("nbits=0", "'nbits' must be >= 1, got 0"),
+    ("nbits=-8", "'nbits' must be >= 1"),
+    ("nbits=24", "'nbits' must be a power of two"),
+    ("train.mask_ratio=1.0", "'train.mask_ratio' must be > 0 and < 1"),
+    ("train.mask_ratio=0", "'train.mask_ratio' must be > 0 and < 1"),
+    ("train.mask_ratio=0.01", "leaves 25 visible"),
+    ("train.batch_size=0", "'train.batch_size' must be >= 2"),
+    ("train.batch_size=1", "'train.batch_size' must be >= 2"),
+    ("train.num_epochs=0", "'train.num_epochs' must be >= 1"),
+    ("eval.topk=(0, 5)", "'eval.topk' must be a non-empty list of integers >= 1"),
+    ("eval.topk=()", "'eval.topk' must be a non-empty list"),
+    ("model.mixer=gru", "'model.mixer' must be one of"),
+    ("train.resident_dtype=int8", "'train.resident_dtype' must be one of"),
+    ("model.variant=huge", "'model.variant' must be one of"),
+    ("train.select=' val'", "'train.select' must be one of"),
+    ("train.val_fraction=0", "'train.val_fraction' must be > 0 and < 1"),
+    ("data.holdout_queries=1.0", "'data.holdout_queries' must be > 0 and < 1"),
+    ("data.protocol='bogus'", "'data.protocol' must be one of"),
+    ("train.lr=1e999", "'train.lr' must be a finite number, got inf"),
+    ("train.lr=-1e-3", "'train.lr' must be > 0"),
+    ("train.tau_plus=1.0", "'train.tau_plus' must be >= 0 and < 1"),
+    ("preprocess.nclusters=1", "'preprocess.nclusters' must be >= 2"),
+    ("preprocess.nearest_clusters=200", "'preprocess.nearest_clusters' must be at most"),
+    ("train.checkpoint_every=0", "'train.checkpoint_every' must be >= 1"),
+    ("train.betas=(0.9,)", "'train.betas' must be two numbers"),
+    ("train.monitor=always", "'train.monitor' must be one of"),
+    ("data.query_feats=''", "'data.query_feats' is empty"),
+    ("model.mixer='attention'|model.num_heads=3", "'model.num_heads' (3) must divide"),
+])
+def test_out_of_range_values_name_the_key(item, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        build_config(os.path.join(CONFIGS, "ucf.py"), item.split("|"))
+
+
+def test_broken_config_file_is_one_error(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("_base_ = '../x.py'\nnbits = (\n")
+    with pytest.raises(ConfigError, match=r"broken.py \(line \d+\): the config file does not run"):
+        build_config(str(broken))
+    failing = tmp_path / "failing.py"
+    failing.write_text("nbits = 1 / 0\n")
+    with pytest.raises(ConfigError, match="ZeroDivisionError"):
+        build_config(str(failing))

@@ -5,7 +5,8 @@ import pytest
 
 import preprocess as preprocess_script
 from dataset.io import DataError, read_matrix, write_features, write_labels
-from dataset.preprocessing import ensure_preprocessed, load_artifacts, missing_artifacts
+from utils.errors import UserError
+from dataset.preprocessing import ensure_preprocessed, load_artifacts
 from dataset.hash_centers import (center_quality, hamming_matrix, initial_centers, min_distance,
                                 optimize_centers, refine_center)
 from tests.conftest import tiny_config
@@ -86,8 +87,9 @@ def test_preprocess_artifacts_are_consistent(tmp_path):
     _clustered_data(tmp_path)
     cfg = tiny_config(tmp_path, "nbits=16", "preprocess.nclusters=6",
                       "preprocess.latent_dim_pca=32", "preprocess.chunk_videos=7")
-    assert len(missing_artifacts(cfg)) == 5
-    preprocess_script.main(["--config", cfg_path(), "--cfg-options", *cfg_items(tmp_path)])
+    assert preprocess_script.main(["--config", cfg_path(), "--cfg-options",
+                                   *cfg_items(tmp_path)]) == {"clusters": "computed",
+                                                              "centers": "computed"}
     p = cfg.paths
     latent = read_matrix(p.latent_feats, "feats", shape=(120, 32))
     anchors = read_matrix(p.anchors, "feats", shape=(6, 32))
@@ -102,12 +104,12 @@ def test_preprocess_artifacts_are_consistent(tmp_path):
     assert np.array_equal(centers, expected)
     labels, loaded = load_artifacts(cfg, 120)
     assert np.array_equal(labels, nearest[:, 0]) and np.array_equal(loaded, centers)
-    assert os.path.isfile(p.center_report) and missing_artifacts(cfg) == []
+    assert os.path.isfile(p.center_report)
+    assert ensure_preprocessed(cfg) == {"clusters": "reused", "centers": "reused"}
     # another code length only needs new centers, from the same semantic centers
     cfg32 = tiny_config(tmp_path, "nbits=32", "preprocess.nclusters=6",
-                        "preprocess.latent_dim_pca=32")
-    assert missing_artifacts(cfg32) == ["hash_center"]
-    assert ensure_preprocessed(cfg32)
+                        "preprocess.latent_dim_pca=32", "preprocess.chunk_videos=7")
+    assert ensure_preprocessed(cfg32) == {"clusters": "reused", "centers": "computed"}
     assert read_matrix(cfg32.paths.hash_center, "matrix").shape == (6, 32)
     assert np.array_equal(read_matrix(p.semantic, "matrix"), semantic)
 
@@ -130,7 +132,7 @@ def test_preprocess_errors_leave_no_artifacts(tmp_path, overrides, message):
     _clustered_data(tmp_path)
     items = [f"data_root={str(tmp_path)!r}", "preprocess.nclusters=6",
              "preprocess.latent_dim_pca=32", *overrides]
-    with pytest.raises((DataError, ValueError), match=message):
+    with pytest.raises(UserError, match=message):
         preprocess_script.main(["--config", cfg_path(), "--cfg-options", *items])
     assert sorted(os.listdir(tmp_path / "demo")) == INPUT_FILES
 
@@ -141,4 +143,87 @@ def test_nan_features_stop_preprocessing(tmp_path):
     write_features(str(tmp_path / "demo" / "demo_train_feats.h5"), feats.astype(np.float32))
     with pytest.raises(DataError, match=r"1 NaN/Inf values in 1 videos \(first at row 5\)"):
         preprocess_script.main(["--config", cfg_path(), "--cfg-options", *cfg_items(tmp_path)])
+    assert sorted(os.listdir(tmp_path / "demo")) == INPUT_FILES
+
+
+PROVENANCE_ITEMS = ["nbits=16", "preprocess.nclusters=6", "preprocess.latent_dim_pca=32"]
+
+
+def _preprocessed(tmp_path, *extra):
+    cfg = tiny_config(tmp_path, *PROVENANCE_ITEMS, *extra)
+    return cfg, ensure_preprocessed(cfg)
+
+
+@pytest.mark.parametrize("change, reason, clusters, centers", [
+    (["seed=2"], "seed", "computed", "computed"),
+    (["preprocess.latent_dim_pca=16"], "latent_dim_pca", "computed", "computed"),
+    # the nearest-cluster table changes, the semantic centers do not: the centers are kept
+    (["preprocess.nearest_clusters=2"], "nearest_clusters", "computed", "reused"),
+    (["preprocess.center_init='random'"], "center_init", "reused", "computed"),
+    (["preprocess.center_alpha=0.5"], "center_alpha", "reused", "computed"),
+    (["preprocess.center_sweeps=0"], "center_sweeps", "reused", "computed"),
+])
+def test_a_changed_config_value_recomputes_what_depends_on_it(tmp_path, caplog, change, reason,
+                                                              clusters, centers):
+    _clustered_data(tmp_path)
+    _preprocessed(tmp_path)
+    centers_before = read_matrix(tiny_config(tmp_path, *PROVENANCE_ITEMS).paths.hash_center,
+                                 "matrix")
+    caplog.clear()
+    cfg, status = _preprocessed(tmp_path, *change)
+    assert status == {"clusters": clusters, "centers": centers}
+    assert reason in caplog.text and "recomputing, made from other inputs" in caplog.text
+    if reason == "center_sweeps":       # no refinement: the initialisation itself
+        from dataset.hash_centers import initial_centers
+        assert np.array_equal(read_matrix(cfg.paths.hash_center, "matrix"),
+                              initial_centers(6, 16, seed=1))
+        assert not np.array_equal(read_matrix(cfg.paths.hash_center, "matrix"), centers_before)
+    assert _preprocessed(tmp_path, *change)[1] == {"clusters": "reused", "centers": "reused"}
+
+
+def test_replaced_features_of_the_same_size_are_noticed(tmp_path, caplog):
+    feats = _clustered_data(tmp_path)
+    cfg, _ = _preprocessed(tmp_path)
+    before = read_matrix(cfg.paths.latent_feats, "feats")
+    write_features(str(tmp_path / "demo" / "demo_train_feats.h5"),
+                   (feats[::-1] * 1.5).astype(np.float16))
+    cfg, status = _preprocessed(tmp_path)
+    assert status == {"clusters": "computed", "centers": "computed"}
+    assert "train_features changed" in caplog.text
+    assert not np.allclose(read_matrix(cfg.paths.latent_feats, "feats"), before)
+
+
+def test_a_mixed_set_never_passes(tmp_path, caplog):
+    _clustered_data(tmp_path)
+    cfg, _ = _preprocessed(tmp_path)
+    centers = read_matrix(cfg.paths.hash_center, "matrix")
+    from dataset.io import write_matrix
+    write_matrix(cfg.paths.hash_center, "matrix", -centers)    # new centers beside old records
+    assert _preprocessed(tmp_path)[1]["centers"] == "computed"
+    assert "hash_center_16.h5 is not the file the record names" in caplog.text
+    assert np.array_equal(read_matrix(cfg.paths.hash_center, "matrix"), centers)
+
+
+def test_files_without_a_record_need_the_release_switch(tmp_path, caplog):
+    _clustered_data(tmp_path)
+    cfg, _ = _preprocessed(tmp_path)
+    os.remove(cfg.paths.cluster_record)
+    os.remove(cfg.paths.center_record)
+    with pytest.raises(DataError, match="carry no provenance record .* "
+                                        "preprocess.release_artifacts=True"):
+        _preprocessed(tmp_path)
+    cfg, status = _preprocessed(tmp_path, "preprocess.release_artifacts=True")
+    assert status == {"clusters": "unrecorded", "centers": "unrecorded"}
+    assert "without a provenance record (preprocess.release_artifacts=True)" in caplog.text
+
+
+def test_preprocessing_is_deterministic(tmp_path):
+    _clustered_data(tmp_path)
+    first, _ = _preprocessed(tmp_path, f"preprocess.artifact_dir={str(tmp_path / 'a')!r}")
+    second, _ = _preprocessed(tmp_path, f"preprocess.artifact_dir={str(tmp_path / 'b')!r}")
+    for name, key in (("latent_feats", "feats"), ("anchors", "feats"), ("nearest", "pos"),
+                      ("semantic", "matrix"), ("hash_center", "matrix")):
+        a, b = read_matrix(first.paths[name], key), read_matrix(second.paths[name], key)
+        assert a.tobytes() == b.tobytes(), name
+    assert os.listdir(tmp_path / "demo") == os.listdir(tmp_path / "demo")   # inputs untouched
     assert sorted(os.listdir(tmp_path / "demo")) == INPUT_FILES

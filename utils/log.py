@@ -8,14 +8,25 @@ LOGGER_NAME = "s5vh"
 _FORMAT = "%(message)s"
 
 
+class _Console(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a message comes (it may be replaced meanwhile)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging(level=logging.INFO):
     """Console handler on the project's logger (idempotent)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
-    if not any(getattr(h, "_s5vh_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _Console) for h in logger.handlers):
+        handler = _Console()
         handler.setFormatter(logging.Formatter(_FORMAT))
-        handler._s5vh_console = True
         logger.addHandler(handler)
     return logger
 

@@ -44,6 +44,12 @@ preprocess = dict(
     center_max_iter=400,       # ADMM iterations per center and sweep
     center_sweeps=10,
     chunk_videos=1024,         # videos per read when mean-pooling the features
+    # where the artifacts go: '' = beside the features (the release's layout); any other folder
+    # keeps variants that change preprocessing (ablations) apart
+    artifact_dir="",
+    # True: use artifact files that carry no provenance record (e.g. the authors' release's) as
+    # they are; otherwise such files stop the run (docs/method.md §10)
+    release_artifacts=False,
     artifacts=dict(
         latent_feats="final_train_latent_feats.h5",
         anchors="final_train_anchors.h5",
@@ -51,6 +57,8 @@ preprocess = dict(
         semantic="semantic.h5",
         hash_center="hash_center_{nbits}.h5",
         center_report="hash_center_{nbits}_report.json",
+        cluster_record="preprocess_record.json",
+        center_record="hash_center_{nbits}_record.json",
     ),
 )
 
@@ -91,7 +99,8 @@ train = dict(
     amp=True,                  # bf16 autocast on CUDA (ignored on CPU); mAP within seed noise of float32
     resident_dtype="float32",  # dtype of the training features kept on the device (bfloat16 halves it)
     cuda_graphs=True,          # on CUDA, replay full-batch steps as one captured graph
-    eval_every=50,
+    monitor="none",            # none | val | test: also log this mAP@R every eval_every epochs
+    eval_every=50,             # epochs between evaluations (selection and monitoring)
     checkpoint_every=1,        # epochs between saves of last.pth (a resume restarts from the last save)
     select="last",             # last | val | test (the release: best test mAP@5)
     val_fraction=0.1,

@@ -1,0 +1,346 @@
+"""Integrity: bad input stops before any work with one line and exit code 2; run directories
+belong to one run; kills leave nothing that a rerun or resume cannot repair; same inputs, config
+and seed give the same result (docs/method.md §10)."""
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import eval as eval_script
+import preprocess as preprocess_script
+import train as train_script
+from tests.conftest import DEMO_CONFIG, ROOT
+from tests.test_training import TINY, make_tiny_demo
+from utils.checkpoint import load_checkpoint
+from utils.cli import run_cli
+from utils.fileio import atomic_path, dir_lock, write_json
+
+
+def options(root, *extra):
+    return ["--cfg-options", f"data_root={str(root)!r}", f"work_dir={str(root / 'runs')!r}",
+            *TINY, "train.num_epochs=2", *extra]
+
+
+def run_script(script, argv, capsys):
+    """(exit code, stderr) of an entry point called as its command line calls it."""
+    capsys.readouterr()
+    try:
+        run_cli(lambda: script.main(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def listing(root):
+    """Every path under `root` (to see what a failed command left behind)."""
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, files in os.walk(root) for f in files)
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_tiny_demo(str(tmp_path))
+    return tmp_path
+
+
+def _rewrite(path, change):
+    with h5py.File(path, "r") as f:
+        feats = f["feats"][()]
+    change(feats)
+    os.remove(path)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("feats", data=feats)
+
+
+def _nan_queries(root):
+    _rewrite(root / "demo" / "demo_test_feats.h5", lambda x: x.__setitem__((3, 2, 1), np.nan))
+
+
+def _huge_training_values(root):
+    _rewrite(root / "demo" / "demo_train_feats.h5", lambda x: x.__setitem__((5, 0, 0), 3e30))
+
+
+def _empty_labels(root):
+    (root / "demo" / "demo_train_labels.mat").write_bytes(b"")
+
+
+def _broken_config(root):
+    (root / "broken.py").write_text(f"_base_ = {DEMO_CONFIG!r}\nnbits = (\n")
+
+
+# (name, how to break the inputs, extra --cfg-options, config file, what the message must say)
+BAD_INPUTS = [
+    ("nbits=0", None, ["nbits=0"], None, "config key 'nbits' must be >= 1, got 0"),
+    ("nbits=-8", None, ["nbits=-8"], None, "config key 'nbits' must be >= 1, got -8"),
+    ("mask_ratio=1.0", None, ["train.mask_ratio=1.0"], None, "'train.mask_ratio' must be > 0"),
+    ("mask_ratio=0", None, ["train.mask_ratio=0"], None, "'train.mask_ratio' must be > 0"),
+    ("batch_size=0", None, ["train.batch_size=0"], None, "'train.batch_size' must be >= 2"),
+    ("batch_size=1", None, ["train.batch_size=1"], None, "'train.batch_size' must be >= 2"),
+    ("num_epochs=0", None, ["train.num_epochs=0"], None, "'train.num_epochs' must be >= 1"),
+    ("topk with 0", None, ["eval.topk=(0, 5)"], None, "'eval.topk' must be a non-empty list"),
+    ("mixer=gru", None, ["model.mixer='gru'"], None, "'model.mixer' must be one of"),
+    ("resident_dtype", None, ["train.resident_dtype='int8'"], None,
+     "'train.resident_dtype' must be one of"),
+    ("variant=huge", None, ["model.variant='huge'"], None, "'model.variant' must be one of"),
+    ("select=' val'", None, ["train.select=' val'"], None, "'train.select' must be one of"),
+    ("val_fraction=0", None, ["train.val_fraction=0"], None, "'train.val_fraction' must be > 0"),
+    ("unknown key", None, ["train.learning_rate=1"], None, "unknown config key 'train.learning_rate'"),
+    ("syntax error", _broken_config, [], "broken.py", "broken.py (line 2): the config file does not run"),
+    ("missing config", None, [], "nope.py", "config file not found"),
+    ("0-byte .mat", _empty_labels, [], None, "demo_train_labels.mat: not a readable .mat file"),
+    ("NaN in queries", _nan_queries, [], None,
+     "demo_test_feats.h5 ['feats']: 1 NaN/Inf values in 1 videos (first at row 3)"),
+    ("huge values", _huge_training_values, [], None,
+     "demo_train_feats.h5 ['feats']: 1 values beyond ±1e+06 in 1 videos (first at row 5)"),
+    ("wrong frame count", None, ["max_frames=9"], None, "expected 9 frames per video (max_frames)"),
+    ("too many clusters", None, ["preprocess.nclusters=100"], None,
+     "preprocess.nclusters=100 is larger than the number of training videos (48)"),
+    ("missing file", None, ["data.query_feats='gone.h5'"], None, "feature file not found"),
+    ("work dir under a file", None, ["work_dir='/etc/hostname/runs'"], None,
+     "the work directory /etc/hostname/runs is not writable"),
+    ("artifact dir under a file", None, ["preprocess.artifact_dir='/etc/hostname/a'"], None,
+     "the artifact directory /etc/hostname/a is not writable"),
+]
+
+
+@pytest.mark.parametrize("name, breaks, extra, config, message", BAD_INPUTS,
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_stops_before_any_work(data, capsys, name, breaks, extra, config, message):
+    if breaks:
+        breaks(data)
+    before = listing(data)
+    config_path = str(data / config) if config else DEMO_CONFIG
+    code, err = run_script(train_script, ["--config", config_path, "--no-progress",
+                                          *options(data, *extra)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert listing(data) == before                  # no run directory, artifact or temporary
+
+
+def test_read_only_directories_stop_before_any_work(data, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    os.chmod(data / "demo", 0o555)
+    try:
+        code, err = run_script(train_script, ["--config", DEMO_CONFIG, *options(data)], capsys)
+    finally:
+        os.chmod(data / "demo", 0o755)
+    assert code == 2 and "artifact directory" in err and "not writable" in err
+
+
+def test_a_full_disk_is_one_line(data, capsys, tmp_path_factory):
+    small = tmp_path_factory.mktemp("small")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        code, err = run_script(train_script, ["--config", DEMO_CONFIG, "--no-progress",
+                                              *options(data, f"work_dir={str(small)!r}")], capsys)
+    finally:
+        subprocess.run(["umount", str(small)])
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, os.urandom(4000), "truncated"])
+def test_corrupt_checkpoints_are_one_line_naming_the_file(data, capsys, content):
+    code, _ = run_script(train_script, ["--config", DEMO_CONFIG, "--no-progress",
+                                        *options(data)], capsys)
+    run_dir = data / "runs" / "demo_16bits"
+    best = run_dir / "best.pth"
+    best.write_bytes(best.read_bytes()[:2000] if content == "truncated" else content)
+    code, err = run_script(eval_script, ["--run", str(run_dir)], capsys)
+    assert code == 2 and err.count("\n") == 1 and str(best) in err
+    assert "not a readable checkpoint" in err and "weights_only" not in err
+
+
+def test_run_directories_belong_to_one_run(data, capsys):
+    argv = ["--config", DEMO_CONFIG, "--no-progress", *options(data)]
+    assert run_script(train_script, argv, capsys)[0] == 0
+    run_dir = data / "runs" / "demo_16bits"
+    first = json.loads((run_dir / "results.json").read_text())
+    # a second fresh run into the finished directory stops, and changes nothing
+    snapshot = {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)}
+    code, err = run_script(train_script, argv, capsys)
+    assert code == 2 and f"run directory {run_dir} is not empty" in err
+    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
+    # resuming it says it is finished and prints its table; unsafe overrides are refused
+    rows = train_script.main(["--resume", str(run_dir)])
+    assert rows[0]["mAP"][5] == pytest.approx(first["test_mAP"]["5"])
+    code, err = run_script(train_script, ["--resume", str(run_dir), "--cfg-options",
+                                          "train.lr=0.1"], capsys)
+    assert code == 2 and "train.lr cannot change on resume" in err
+    code, err = run_script(train_script, ["--resume", str(run_dir), "--bits", "32"], capsys)
+    assert code == 2 and "--bits" in err
+    # --replace starts from an empty directory
+    assert run_script(train_script, argv + ["--replace"], capsys)[0] == 0
+    second = json.loads((run_dir / "results.json").read_text())
+    assert second["run_id"] != first["run_id"] and second["test_mAP"] == first["test_mAP"]
+    assert {json.loads(line)["run_id"] for line in open(run_dir / "log.jsonl")} == \
+        {second["run_id"]}
+
+
+def test_a_second_run_into_a_locked_directory_stops(data, capsys):
+    run_dir = data / "runs" / "demo_16bits"
+    run_dir.mkdir(parents=True)
+    with dir_lock(str(run_dir), "run directory"):
+        code, err = run_script(train_script, ["--config", DEMO_CONFIG, "--no-progress",
+                                              *options(data), "--replace"], capsys)
+    assert code == 2 and err == f"error: the run directory {run_dir} is in use by another " \
+                                "process\n"
+
+
+def test_the_run_directory_config_is_never_executed(data, capsys):
+    assert run_script(train_script, ["--config", DEMO_CONFIG, "--no-progress",
+                                     *options(data)], capsys)[0] == 0
+    run_dir = data / "runs" / "demo_16bits"
+    marker = data / "executed"
+    (run_dir / "config.py").write_text(f"open({str(marker)!r}, 'w')\n")   # never read
+    config = run_dir / "config.json"
+    record = json.loads(config.read_text())
+    record["config"]["dataset"] = f"__import__('os').system('touch {marker}')"
+    config.write_text(json.dumps(record))
+    for script, argv in ((eval_script, ["--run", str(run_dir)]),
+                         (train_script, ["--resume", str(run_dir)])):
+        code, err = run_script(script, argv, capsys)
+        assert code == 2 and "was edited after the run wrote it" in err
+    config.write_text(config.read_text() + "\nimport os\n")
+    code, err = run_script(eval_script, ["--run", str(run_dir)], capsys)
+    assert code == 2 and "config.json: not a readable saved run config" in err
+    assert not marker.exists()
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_broken_one_stops(data, capsys):
+    from optim.run_dir import read_run_config
+    from tests.test_training import interrupted_run, tiny_run_config
+    cfg = tiny_run_config(data, "train.num_epochs=3")
+    run_dir = data / "cut"
+    interrupted_run(cfg, str(run_dir), 2)
+    log = run_dir / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("{not json\n" + "\n".join(lines) + "\n")
+    code, err = run_script(train_script, ["--resume", str(run_dir)], capsys)
+    assert code == 2 and "log.jsonl: line 1 is not JSON" in err
+    other = json.loads(lines[0])
+    other["run_id"] = "someone-else"
+    log.write_text(json.dumps(other) + "\n" + lines[1] + "\n")
+    code, err = run_script(train_script, ["--resume", str(run_dir)], capsys)
+    assert code == 2 and "line 1 belongs to another run ('someone-else'" in err
+    log.write_text("\n".join(lines) + "\n" + lines[1][:17])          # a write cut off by a kill
+    assert train_script.main(["--resume", str(run_dir), "--no-progress"])
+    assert [json.loads(line)["epoch"] for line in open(log)] == [1, 2, 3]
+    assert read_run_config(str(run_dir))[1]["run_id"] == json.loads(lines[0])["run_id"]
+
+
+def test_written_files_follow_the_umask_and_json_is_strict(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(str(tmp_path / "r.json"), {"a": float("inf"), "b": np.float32(0.5), 3: [1]})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": 0.5, "3": [1]}
+    with pytest.raises(RuntimeError), atomic_path(str(tmp_path / "x.bin")) as tmp:
+        open(tmp, "w").write("half")
+        raise RuntimeError("killed")
+    assert sorted(os.listdir(tmp_path)) == ["r.json"]
+
+
+def _killed(code_before, argv):
+    """Run an entry point in a child process that patches the library as `code_before` says,
+    and return its exit status (-9 when it was killed)."""
+    program = (f"import os, signal, sys, runpy\n{code_before}\n"
+               f"sys.argv = {argv!r}\nrunpy.run_path({argv[0]!r}, run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+KILL_ON_THIRD_ARTIFACT = """
+import dataset.preprocessing as target
+original, calls = target.write_matrix, [0]
+def patched(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+target.write_matrix = patched
+"""
+
+
+def test_preprocess_killed_while_replacing_a_set_reruns_to_the_uninterrupted_result(data):
+    from dataset.io import read_matrix
+    from tests.conftest import tiny_config
+    items = [f"data_root={str(data)!r}", *TINY]
+    assert preprocess_script.main(["--config", DEMO_CONFIG, "--cfg-options", *items])
+    # seed 2 replaces the seed-1 set; killed after two of its four clustering files
+    child = _killed(KILL_ON_THIRD_ARTIFACT, ["preprocess.py", "--config", DEMO_CONFIG, "--cfg-options",
+                            *items, "seed=2"])
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    # neither config accepts the mixed set; seed 1's clustering comes out as before, so its
+    # recorded centers fit it again
+    for seed, centers in ((1, "reused"), (2, "computed")):
+        cfg = tiny_config(data, *TINY, f"seed={seed}")
+        assert preprocess_script.main(["--config", DEMO_CONFIG, "--cfg-options", *items,
+                                       f"seed={seed}"]) == {"clusters": "computed",
+                                                            "centers": centers}
+    reference = tiny_config(data, *TINY, "seed=2", f"preprocess.artifact_dir={str(data / 'ref')!r}")
+    preprocess_script.main(["--config", DEMO_CONFIG, "--cfg-options", *items, "seed=2",
+                            f"preprocess.artifact_dir={str(data / 'ref')!r}"])
+    for name, key in (("nearest", "pos"), ("semantic", "matrix"), ("hash_center", "matrix")):
+        assert np.array_equal(read_matrix(cfg.paths[name], key),
+                              read_matrix(reference.paths[name], key)), name
+    assert not [f for f in os.listdir(data / "demo") if f.endswith(".tmp")]
+
+
+KILL_ON_THIRD_CHECKPOINT = """
+original, saves = os.replace, [0]
+def patched(src, dst):
+    if str(dst).endswith("last.pth"):
+        saves[0] += 1
+        if saves[0] == 3:                 # the temporary is written, not yet renamed
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(src, dst)
+os.replace = patched
+"""
+
+
+def test_training_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupted_weights(data):
+    argv = ["--config", DEMO_CONFIG, "--no-progress", *options(data, "train.num_epochs=4")]
+    train_script.main(argv)
+    shutil.move(str(data / "runs" / "demo_16bits"), str(data / "full"))
+    child = _killed(KILL_ON_THIRD_CHECKPOINT, ["train.py", *argv])
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    cut = data / "runs" / "demo_16bits"
+    assert [f for f in os.listdir(cut) if f.startswith(".last.pth.") and f.endswith(".tmp")]
+    assert load_checkpoint(str(cut / "last.pth"))["epoch"] == 2
+    assert [json.loads(line)["epoch"] for line in open(cut / "log.jsonl")] == [1, 2, 3]
+    train_script.main(["--resume", str(cut), "--no-progress"])
+    assert not [f for f in os.listdir(cut) if f.endswith(".tmp")]
+    a = load_checkpoint(str(data / "full" / "last.pth"))
+    b = load_checkpoint(str(cut / "last.pth"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["label_table"]["table"], b["label_table"]["table"])
+    assert [json.loads(line)["epoch"] for line in open(cut / "log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_same_inputs_config_and_seed_give_the_same_weights_on_cpu(data):
+    from tests.test_training import tiny_run_config
+    from optim.runner import start_run
+    cfg = tiny_run_config(data, "train.num_epochs=3")
+    first = start_run(cfg, str(data / "a"), progress=False)
+    second = start_run(cfg, str(data / "b"), progress=False)
+    assert first["test_mAP"] == second["test_mAP"]
+    a, b = (load_checkpoint(str(data / name / "last.pth")) for name in ("a", "b"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["label_table"]["table"], b["label_table"]["table"])
