@@ -42,11 +42,11 @@ def soft_cross_entropy(logits, targets):
 
 
 class CenterLogits(nn.Module):
-    """Logits of a video code against the K clusters.
+    """Logits of a video code against the K clusters, logits_k = <b, c_k> / (B * tau_c).
 
-    Default (the paper): logits_k = <b, c_k> / (B * tau_c) with the fixed hash centers c_k.
-    trainable=True (the authors' release): a randomly initialised, trainable Linear(B -> K), whose
-    output is used as the logits.
+    Default (the paper): c_k are the fixed hash centers. trainable=True (the authors' release,
+    docs/method.md §9.1): c_k are the rows of a randomly initialised (PyTorch's default), trainable,
+    bias-free Linear(B -> K), with the same 1 / (B * tau_c) scaling.
     """
 
     def __init__(self, centers, temperature, trainable=False):
@@ -54,22 +54,24 @@ class CenterLogits(nn.Module):
         num_clusters, nbits = centers.shape
         self.scale = 1.0 / (nbits * temperature)
         self.register_buffer("centers", torch.as_tensor(centers, dtype=torch.float32))
-        self.classifier = nn.Linear(nbits, num_clusters) if trainable else None
+        self.classifier = nn.Linear(nbits, num_clusters, bias=False) if trainable else None
 
     def forward(self, code):
         """code: (b, B) -> (b, K)."""
         if self.classifier is not None:
-            return self.classifier(code)
+            return self.classifier(code) * self.scale
         return code @ self.centers.T * self.scale
 
 
 class S5VHLoss(nn.Module):
-    """L = sum_views L_rec + alpha * L_con + a_c * mean_views L_CA."""
+    """L = a_r * sum_views L_rec + alpha * L_con + a_c * mean_views L_CA (a_r = 1 but in the
+    ablation without reconstruction)."""
 
     def __init__(self, centers, train_cfg):
         super().__init__()
         self.center_logits = CenterLogits(centers, train_cfg["temperature_cluster"],
                                           train_cfg["trainable_centers"])
+        self.a_rec = train_cfg["a_rec"]
         self.alpha, self.a_cluster = train_cfg["alpha"], train_cfg["a_cluster"]
         self.temperature, self.tau_plus = train_cfg["temperature"], train_cfg["tau_plus"]
 
@@ -83,7 +85,7 @@ class S5VHLoss(nn.Module):
         logits = self.center_logits(code)
         ca = 0.5 * (soft_cross_entropy(logits[:b], soft_labels)
                     + soft_cross_entropy(logits[b:], soft_labels))
-        total = rec + self.alpha * con + self.a_cluster * ca
+        total = self.a_rec * rec + self.alpha * con + self.a_cluster * ca
         return total, {"rec": rec.detach(), "con": con.detach(), "ca": ca.detach()}
 
 

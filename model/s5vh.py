@@ -46,29 +46,34 @@ class DropPath(nn.Module):
 class BidirectionalLayer(nn.Module):
     """h <- h + DropPath(F(LN1(h)) + flip(G(LN2(flip(h))))), F and G separate mixers.
 
-    share_directions=True reproduces the authors' release, where G is F (one set of weights).
+    share_directions=True reproduces the authors' release, where G is F (one set of weights);
+    bidirectional=False keeps the forward scan only, h <- h + DropPath(F(LN1(h))) (an ablation).
     """
 
-    def __init__(self, dim, make_mixer, drop_path=0.0, share_directions=False):
+    def __init__(self, dim, make_mixer, drop_path=0.0, share_directions=False,
+                 bidirectional=True):
         super().__init__()
+        self.bidirectional = bidirectional
         self.norm_forward = nn.LayerNorm(dim, eps=LN_EPS)
-        self.norm_backward = nn.LayerNorm(dim, eps=LN_EPS)
         self.mixer_forward = make_mixer(dim)
-        self.mixer_backward = None if share_directions else make_mixer(dim)
+        if bidirectional:
+            self.norm_backward = nn.LayerNorm(dim, eps=LN_EPS)
+            self.mixer_backward = None if share_directions else make_mixer(dim)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, h):
         """h: (b, L, d) -> (b, L, d)."""
-        backward_mixer = self.mixer_backward or self.mixer_forward
-        forward = self.mixer_forward(self.norm_forward(h))
-        backward = backward_mixer(self.norm_backward(h.flip(1))).flip(1)
-        return h + self.drop_path(forward + backward)
+        out = self.mixer_forward(self.norm_forward(h))
+        if self.bidirectional:
+            backward_mixer = self.mixer_backward or self.mixer_forward
+            out = out + backward_mixer(self.norm_backward(h.flip(1))).flip(1)
+        return h + self.drop_path(out)
 
 
 def _layers(dim, depth, model_cfg, make_mixer, drop_path_max):
     rates = torch.linspace(0, drop_path_max, depth).tolist() if depth > 1 else [0.0] * depth
-    return nn.ModuleList(BidirectionalLayer(dim, make_mixer, rate, model_cfg["share_directions"])
-                         for rate in rates)
+    return nn.ModuleList(BidirectionalLayer(dim, make_mixer, rate, model_cfg["share_directions"],
+                                            model_cfg["bidirectional"]) for rate in rates)
 
 
 class Encoder(nn.Module):

@@ -62,11 +62,12 @@ class Run:
         return os.path.join(self.run_dir, name)
 
     def runtime(self):
-        """What ran: device, mixer implementation, dtype and CUDA graphs."""
+        """What ran: device, mixer implementation, dtype, CUDA graphs, model parameters."""
         cuda = self.device.type == "cuda"
         return {"device": str(self.device), "mixer": self.model.describe_mixer(),
                 "dtype": "bfloat16 autocast" if cuda and self.cfg.train.amp else "float32",
-                "cuda_graphs": bool(self.step.use_graphs)}
+                "cuda_graphs": bool(self.step.use_graphs),
+                "parameters": sum(p.numel() for p in self.model.parameters())}
 
 
 def setup_run(cfg, run_dir, run_id, fingerprint):

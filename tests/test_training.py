@@ -83,7 +83,13 @@ def test_total_loss_weights_and_view_averaging(rng):
     assert torch.allclose(total, rec + 2.0 * con + 0.5 * ca)
     assert torch.allclose(parts["ca"], ca) and not list(crit.parameters())   # centers are fixed
     trainable = S5VHLoss(centers, {**cfg.train.to_dict(), "trainable_centers": True})
-    assert sum(p.numel() for p in trainable.parameters()) == 6 * 3 + 3
+    # the release's classifier: bias-free Linear(B -> K), logits scaled by 1 / (B * tau_c)
+    assert [p.shape for p in trainable.parameters()] == [torch.Size([3, 6])]
+    weight = trainable.center_logits.classifier.weight
+    code = out["video_code"]
+    assert torch.allclose(trainable.center_logits(code), code @ weight.T / (6 * 0.5))
+    no_rec = S5VHLoss(centers, {**cfg.train.to_dict(), "a_rec": 0.0})
+    assert torch.allclose(no_rec(out, targets, soft)[0], 2.0 * con + 0.5 * ca)
 
 
 def test_label_smoothing_update():
@@ -205,7 +211,7 @@ def test_train_and_eval_scripts_two_epochs(tmp_path, caplog):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["selection"] == "last" and results["selected_epoch"] == 2
     assert results["runtime"] == {"device": "cpu", "mixer": "mamba (plain-PyTorch selective scan)",
-                                  "dtype": "float32", "cuda_graphs": False}
+                                  "dtype": "float32", "cuda_graphs": False, "parameters": 15024}
     assert "mixer mamba (plain-PyTorch selective scan), float32" in (run_dir / "run.log").read_text()
     assert [r["method"] for r in rows] == ["itq", "s5vh (last)"]
     log = [json.loads(l) for l in open(run_dir / "log.jsonl")]

@@ -276,7 +276,7 @@ RANGES = {
     "train.batch_size": (2, None, True, None), "train.num_epochs": (1, None, True, None),
     "train.mask_ratio": (0, 1, False, False), "train.lr": (0, None, False, None),
     "train.min_lr": (0, None, True, None), "train.weight_decay": (0, None, True, None),
-    "train.alpha": (0, None, True, None), "train.tau_plus": (0, 1, True, False),
+    "train.alpha": (0, None, True, None), "train.a_rec": (0, None, True, None), "train.tau_plus": (0, 1, True, False),
     "train.temperature": (0, None, False, None), "train.a_cluster": (0, None, True, None),
     "train.temperature_cluster": (0, None, False, None),
     "train.warm_up_epoch": (0, None, True, None), "train.smoothing_beta": (0, 1, True, True),

@@ -76,6 +76,7 @@ model = dict(
     num_heads=4,               # attention / retention heads
     attention_impl="sdpa",     # sdpa (fused) | explicit (softmax(QK^T)V, memory grows with M^2)
     share_directions=False,    # True: both scan directions use one mixer (the authors' release)
+    bidirectional=True,        # False: forward scans only (the unidirectional ablation)
     decoder_order="visible_first",  # visible_first (MAE-style, the release) | time
 )
 
@@ -87,6 +88,7 @@ train = dict(
     min_lr=1e-5,
     betas=(0.9, 0.999),
     weight_decay=1e-4,
+    a_rec=1.0,                 # weight of the reconstruction loss (0: the ablation without it)
     alpha=1.0,                 # weight of the contrastive loss
     tau_plus=0.1,
     temperature=0.5,
@@ -94,7 +96,7 @@ train = dict(
     temperature_cluster=0.5,
     warm_up_epoch=50,
     smoothing_beta=0.01,       # beta: rate of the label-smoothing update (the release: smoothing_alpha)
-    trainable_centers=False,   # True: a random trainable classifier (the authors' release)
+    trainable_centers=False,   # True: the release's random trainable bias-free classifier
     device="auto",             # auto | cpu | cuda
     amp=True,                  # bf16 autocast on CUDA (ignored on CPU); mAP within seed noise of float32
     resident_dtype="float32",  # dtype of the training features kept on the device (bfloat16 halves it)

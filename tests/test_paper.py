@@ -1,0 +1,180 @@
+"""tools.paper: every experiment end to end on a tiny data set, with outputs of the promised
+structure and sane values; monitoring without selection; the ablation switches."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.hash_centers import initial_centers
+from dataset.io import read_matrix
+from optim.runner import start_run
+from tests.conftest import DEMO_CONFIG
+from tests.test_training import TINY, make_tiny_demo, tiny_run_config
+from tools import paper
+from utils.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = tmp_path_factory.mktemp("paper")
+    make_tiny_demo(str(path))
+    return path
+
+
+def call(root, experiment, *extra):
+    options = [f"data_root={str(root)!r}", *TINY, "train.num_epochs=2"]
+    return paper.main([experiment, "--config", DEMO_CONFIG, "--out", str(root / "out"),
+                       *extra, "--cfg-options", *options])
+
+
+def output(root, name):
+    return json.loads((root / "out" / f"{name}.json").read_text())
+
+
+def test_monitoring_logs_map_without_changing_the_selection(tmp_path):
+    make_tiny_demo(str(tmp_path))
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=3", "train.monitor='test'",
+                          "train.eval_every=1")
+    results = start_run(cfg, str(tmp_path / "run"), progress=False)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [sorted(r["test_mAP"]) for r in log] == [sorted(map(str, cfg.eval.topk))] * 3
+    assert results["selection"] == "last" and results["selected_epoch"] == 3
+    assert results["test_mAP"][5] == pytest.approx(log[-1]["test_mAP"]["5"])
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=2", "train.monitor='val'",
+                          "train.select='test'", "train.eval_every=2")
+    start_run(cfg, str(tmp_path / "both"), progress=False)
+    last = [json.loads(line) for line in open(tmp_path / "both" / "log.jsonl")][-1]
+    assert {"val_mAP", "test_mAP"} <= set(last)
+
+
+def test_main_table_and_reuse_of_finished_runs(root, caplog):
+    rows = call(root, "main", "--bits", "16", "--seeds", "1", "2")
+    assert [(r["method"], r["nbits"]) for r in rows] == [("s5vh", 16), ("itq", 16), ("lsh", 16)]
+    for row in rows:
+        assert len(row["per_seed"]) == 2
+        assert all(0 <= v <= 1 for v in row["mean"].values())
+        values = [s[20] for s in row["per_seed"]]
+        assert row["mean"][20] == pytest.approx(np.mean(values))
+        assert row["std"][20] == pytest.approx(np.std(values, ddof=1))
+    table = (root / "out" / "main.md").read_text()
+    assert "selection: last" in table and "S5VH (last)" in table and "± " in table
+    saved = output(root, "main")
+    assert saved["seeds"] == [1, 2] and saved["published"] == {}   # demo: no published numbers
+    run_ids = [json.loads((root / "out" / "runs" / f"s5vh_16bits_seed{s}" / "results.json")
+                          .read_text())["run_id"] for s in (1, 2)]
+    caplog.clear()
+    again = call(root, "main", "--bits", "16", "--seeds", "1", "2")
+    assert "the run is already finished" in caplog.text and "epoch 1:" not in caplog.text
+    assert [r["mean"] for r in again] == [r["mean"] for r in rows]
+    assert run_ids == [json.loads((root / "out" / "runs" / f"s5vh_16bits_seed{s}" /
+                                   "results.json").read_text())["run_id"] for s in (1, 2)]
+
+
+def test_published_numbers_sit_beside_a_paper_data_set():
+    assert paper.PUBLISHED["ucf"][64] == (.578, .507, .458, .380, .338)
+    assert set(paper.PUBLISHED) == {"act", "fcv", "ucf", "hmdb"}
+
+
+def test_ablation_variants_change_what_they_claim(root):
+    rows = call(root, "ablation", "--bits", "16")
+    assert [r["variant"] for r in rows] == [name for name, _, _ in paper.ABLATIONS]
+    assert all(0 <= v <= 1 for r in rows for v in r["mean"].values())
+    runs = root / "out" / "runs"
+
+    def checkpoint(variant):
+        return load_checkpoint(str(runs / f"{variant}_16bits_seed1" / "last.pth"))
+
+    def log(variant):
+        return [json.loads(line) for line in open(runs / f"{variant}_16bits_seed1" / "log.jsonl")]
+
+    full = checkpoint("full")
+    assert not any("classifier" in k for k in full["criterion"])
+    # without L_CA / the contrastive loss / reconstruction: the total loss lacks that term
+    for variant, kept in (("no_ca", ("rec", "con")), ("no_contrastive", ("rec", "ca")),
+                          ("no_reconstruction", ("con", "ca"))):
+        weights = {"rec": 1.0, "con": 1.0, "ca": 0.1}
+        for record in log(variant):
+            assert record["loss"] == pytest.approx(sum(weights[k] * record[k] for k in kept),
+                                                   rel=1e-5)
+    # without smoothing the label table stays one-hot; with it, it moves after warm-up
+    assert torch.equal(checkpoint("no_smoothing")["label_table"]["table"].max(1).values,
+                       torch.ones(48))
+    assert (full["label_table"]["table"].max(1).values < 1).any()
+    # hash centers: the initialisation, and random balanced rows, each in files of their own
+    demo = root / "demo"
+    init = read_matrix(str(demo / "hash_center_16_init.h5"), "matrix")
+    assert np.array_equal(init, initial_centers(4, 16, seed=1))
+    random = read_matrix(str(demo / "hash_center_16_random.h5"), "matrix")
+    assert (random.sum(1) == 0).all() and np.array_equal(
+        random, initial_centers(4, 16, seed=1, method="random"))
+    assert not np.array_equal(read_matrix(str(demo / "hash_center_16.h5"), "matrix"), init)
+    # the release's classifier: a bias-free Linear(B -> K) that is trained
+    classifier = checkpoint("release_classifier")["criterion"]
+    assert list(classifier) == ["center_logits.centers", "center_logits.classifier.weight"]
+    assert classifier["center_logits.classifier.weight"].shape == (4, 16)
+    # one mixer for both directions; forward scans only
+    for variant in ("shared_mixer", "unidirectional"):
+        keys = checkpoint(variant)["model"]
+        assert not any("mixer_backward" in k for k in keys), variant
+    assert any("norm_backward" in k for k in checkpoint("shared_mixer")["model"])
+    assert not any("norm_backward" in k for k in checkpoint("unidirectional")["model"])
+    assert any("mixer_backward" in k for k in full["model"])
+    table = (root / "out" / "ablation.md").read_text()
+    assert "Δ mAP@5 vs full" in table and "16 bits, selection: last" in table
+
+
+def test_backbones_table(root):
+    rows = call(root, "backbones", "--bits", "16")
+    assert [r["variant"] for r in rows] == list(paper.BACKBONES)
+    assert all(r["parameters"] > 0 and r["seconds_per_epoch"] > 0 for r in rows)
+    assert len({r["parameters"] for r in rows}) == len(rows)   # really different mixers
+    assert rows[0]["implementation"] == "mamba (plain-PyTorch selective scan)"
+
+
+def test_transfer_writes_under_the_experiment_output(root, tmp_path):
+    other = tmp_path / "data"
+    make_tiny_demo(str(other), seed=7)
+    shutil.copytree(other / "demo", root / "demo2")
+    target = tmp_path / "demo2.py"
+    target.write_text(f"_base_ = {DEMO_CONFIG!r}\ndataset = 'demo2'\n")
+    options = [f"data_root={str(root)!r}", *TINY, "train.num_epochs=2"]
+    rows = paper.main(["transfer", "--source", DEMO_CONFIG, "--target", str(target),
+                       "--out", str(root / "transfer"), "--cfg-options", *options])
+    assert [(r["train"], r["evaluate"]) for r in rows] == [("demo", "demo2"), ("demo2", "demo2")]
+    assert all(0 <= v <= 1 for r in rows for v in r["mAP"].values())
+    codes = np.load(root / "transfer" / "codes_demo_to_demo2_16bits.npz")
+    assert codes["database"].shape == (48, 16) and codes["queries"].shape == (16, 16)
+    source_run = root / "transfer" / "runs" / "train_demo_16bits_seed1"
+    assert sorted(os.listdir(source_run)) == ["best.pth", "config.json", "last.pth",
+                                              "log.jsonl", "results.json", "run.log"]
+
+
+def test_convergence_curves(root):
+    curves = call(root, "convergence", "--bits", "16", "--eval-every", "1")
+    assert set(curves) == {"with_ca", "without_ca"}
+    for curve in curves.values():
+        assert curve["epochs"] == [1, 2]
+        assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in curve["mAP"].values())
+    assert (root / "out" / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_and_tsne_reuse_the_main_run(root):
+    call(root, "main", "--bits", "16", "--seeds", "1")
+    curves = call(root, "curves", "--bits", "16", "--top-n", "5", "40", "5")
+    assert set(curves) == {"S5VH", "ITQ", "LSH"}
+    for curve in curves.values():
+        assert curve["N"] == list(range(5, 41, 5)) and len(curve["mAP"]) == 8
+        assert all(0 <= v <= 1 for v in curve["mAP"])
+        recall = curve["recall"]
+        assert len(recall) == 17 and all(a <= b + 1e-12 for a, b in zip(recall, recall[1:]))
+        assert recall[-1] == pytest.approx(1.0)
+    assert (root / "out" / "curves.png").exists()
+    points = call(root, "tsne", "--bits", "16")
+    saved = output(root, "tsne")
+    assert set(points) == {"S5VH", "ITQ"}
+    assert len(points["S5VH"]) == len(saved["classes"]) == 16       # one point per query
+    assert all(len(p) == 2 for p in points["ITQ"])
+    assert (root / "out" / "tsne.png").exists()

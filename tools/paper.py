@@ -1,0 +1,470 @@
+"""The paper's tables and figures, one command each, on any data set with a config.
+
+    python -m tools.paper main --config configs/S5VH/ucf.py --bits 16 32 64 --seeds 1 2 3
+    python -m tools.paper ablation --config configs/S5VH/ucf.py
+    python -m tools.paper backbones --config configs/S5VH/ucf.py
+    python -m tools.paper transfer --source configs/S5VH/ucf.py --target configs/S5VH/hmdb.py
+    python -m tools.paper convergence --config configs/S5VH/ucf.py --eval-every 10
+    python -m tools.paper curves --config configs/S5VH/ucf.py
+    python -m tools.paper tsne --config configs/S5VH/ucf.py
+
+Each writes EXPERIMENT.json, EXPERIMENT.md and, for a figure, EXPERIMENT.png into --out (default
+work_dirs/paper/<dataset>), and keeps its training runs under --out/runs/. A finished run whose
+config is unchanged is reused, never retrained, so a second call (or `curves` and `tsne` after
+`main`) costs only the evaluation. Every table and figure names the data set, the code length and
+the selection rule. Runs of variants that change preprocessing write their hash centers under
+their own file names, so each regenerates only what it changes.
+"""
+import argparse
+import json
+import os
+import statistics
+
+import numpy as np
+
+from dataset.demo import ensure_demo_data
+from dataset.protocol import check_inputs
+from inference.baselines import baseline_codes
+from inference.evaluate import evaluate_baselines, evaluate_checkpoint, mean_pooled_sets
+from inference.metrics import precision_recall_by_radius, retrieval_metrics
+from optim.run_dir import read_log
+from optim.runner import ensure_run
+from utils.cli import run_cli
+from utils.config import build_config
+from utils.device import resolve_device
+from utils.errors import UserError
+from utils.fileio import atomic_path, atomic_write_text, write_json
+from utils.log import get_logger
+
+logger = get_logger("tools.paper")
+
+# Published test mAP@R of S5VH (the authors' reported numbers; R = 60 was not reported).
+PUBLISHED = {
+    "act": {16: (.180, .097, .060, .034, .029), 32: (.250, .146, .087, .049, .040),
+            64: (.266, .152, .095, .053, .043)},
+    "fcv": {16: (.346, .246, .214, .184, .173), 32: (.482, .329, .285, .246, .231),
+            64: (.520, .369, .325, .284, .269)},
+    "ucf": {16: (.471, .420, .375, .308, .269), 32: (.534, .457, .406, .330, .291),
+            64: (.578, .507, .458, .380, .338)},
+    "hmdb": {16: (.190, .128, .095, .065, .057), 32: (.244, .175, .139, .092, .078),
+             64: (.256, .189, .150, .103, .088)},
+}
+PUBLISHED_TOPK = (5, 20, 40, 80, 100)
+
+
+def _centers_named(tag):
+    """Overrides that give a variant's hash centers file names of their own."""
+    return [f"preprocess.artifacts.hash_center='hash_center_{{nbits}}_{tag}.h5'",
+            f"preprocess.artifacts.center_report='hash_center_{{nbits}}_{tag}_report.json'",
+            f"preprocess.artifacts.center_record='hash_center_{{nbits}}_{tag}_record.json'"]
+
+
+# (name, what it changes, overrides)
+ABLATIONS = [
+    ("full", "S5VH as configured", []),
+    ("no_ca", "without the center-alignment loss L_CA", ["train.a_cluster=0.0"]),
+    ("no_smoothing", "without label smoothing (beta = 0)", ["train.smoothing_beta=0.0"]),
+    ("no_contrastive", "without the contrastive loss", ["train.alpha=0.0"]),
+    ("no_reconstruction", "without the reconstruction loss", ["train.a_rec=0.0"]),
+    ("centers_init_only", "hash centers from the initialisation (no semantic refinement)",
+     ["preprocess.center_sweeps=0", *_centers_named("init")]),
+    ("random_centers", "random balanced ±1 hash centers",
+     ["preprocess.center_init='random'", "preprocess.center_sweeps=0",
+      *_centers_named("random")]),
+    ("release_classifier", "the release's trainable bias-free classifier instead of the centers",
+     ["train.trainable_centers=True"]),
+    ("shared_mixer", "one mixer for both scan directions (the release)",
+     ["model.share_directions=True"]),
+    ("unidirectional", "forward scans only", ["model.bidirectional=False"]),
+]
+BACKBONES = ("mamba", "lstm", "attention", "retention", "rwkv")
+TSNE_CLASSES = 10
+
+
+class Experiment:
+    """Configs, runs and outputs of one experiment on one data set."""
+
+    def __init__(self, name, config, options, out):
+        self.name, self.config, self.options = name, config, list(options)
+        base = self.cfg()
+        self.dataset, self.select = base.dataset, base.train.select
+        self.out = out or os.path.join("work_dirs", "paper", self.dataset)
+        self.device = resolve_device(base.train.device)
+
+    def cfg(self, *overrides, config=None):
+        return build_config(config or self.config, [*self.options, *overrides])
+
+    def check(self, cfg, baseline_bits=()):
+        ensure_demo_data(cfg)
+        check_inputs(cfg, baseline_bits)
+
+    def run(self, name, cfg):
+        """Results of the run `name` (reused when finished with the same config)."""
+        run_dir = os.path.join(self.out, "runs", name)
+        logger.info(f"== {self.name}: {name} -> {run_dir}")
+        return ensure_run(cfg, run_dir)
+
+    def run_dir(self, name):
+        return os.path.join(self.out, "runs", name)
+
+    def title(self, nbits, what=""):
+        return f"{what}{self.dataset}, {nbits} bits, selection: {self.select}"
+
+    def write(self, payload, table):
+        os.makedirs(self.out, exist_ok=True)
+        write_json(os.path.join(self.out, f"{self.name}.json"), payload)
+        atomic_write_text(os.path.join(self.out, f"{self.name}.md"), table + "\n")
+        print(table)
+
+    def save_figure(self, fig):
+        import matplotlib.pyplot as plt
+        path = os.path.join(self.out, f"{self.name}.png")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        return path
+
+
+def _maps(results):
+    return {int(k): float(v) for k, v in results["test_mAP"].items()}
+
+
+def _mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pm(mean, std):
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def s5vh_run_name(nbits, seed):
+    return f"s5vh_{nbits}bits_seed{seed}"
+
+
+def run_main(exp, bits, seeds):
+    """mAP@R of S5VH (mean ± std over seeds) beside ITQ and LSH, and the published numbers."""
+    topk = tuple(exp.cfg().eval.topk)
+    for nbits in bits:
+        exp.check(exp.cfg(f"nbits={nbits}"), baseline_bits=bits)
+    scores = {}                        # (method, nbits) -> [per-seed {R: mAP}]
+    for nbits in bits:
+        for seed in seeds:
+            cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
+            scores.setdefault(("s5vh", nbits), []).append(
+                _maps(exp.run(s5vh_run_name(nbits, seed), cfg)))
+    for seed in seeds:
+        for row in evaluate_baselines(exp.cfg(f"seed={seed}"), ["itq", "lsh"], bits):
+            scores.setdefault((row["method"], row["nbits"]), []).append(row["mAP"])
+    rows, table = [], []
+    for nbits in bits:
+        for method in ("s5vh", "itq", "lsh"):
+            per_seed = scores[(method, nbits)]
+            stats = {k: _mean_std([s[k] for s in per_seed]) for k in topk}
+            rows.append({"method": method, "nbits": nbits, "per_seed": per_seed,
+                         "mean": {k: m for k, (m, _) in stats.items()},
+                         "std": {k: s for k, (_, s) in stats.items()}})
+            label = f"S5VH ({exp.select})" if method == "s5vh" else method.upper()
+            table.append([label, nbits] + [_pm(*stats[k]) for k in topk])
+        published = PUBLISHED.get(exp.dataset, {}).get(nbits)
+        if published:
+            values = dict(zip(PUBLISHED_TOPK, published))
+            table.append(["S5VH, published", nbits] + [f"{values[k]:.3f}" if k in values else "–"
+                                                       for k in topk])
+    header = ["method", "bits"] + [f"mAP@{k}" for k in topk]
+    text = (f"Test mAP@R on {exp.dataset}, mean ± std over seeds {list(seeds)}, "
+            f"selection: {exp.select}\n\n" + markdown(header, table))
+    exp.write({"dataset": exp.dataset, "selection": exp.select, "seeds": list(seeds),
+               "bits": list(bits), "rows": rows,
+               "published": {str(b): dict(zip(PUBLISHED_TOPK, v))
+                             for b, v in PUBLISHED.get(exp.dataset, {}).items()}}, text)
+    return rows
+
+
+def _variant_table(exp, variants, nbits, seeds, extra=None):
+    """Train every variant on every seed; rows with per-seed and mean mAP@R."""
+    topk = tuple(exp.cfg().eval.topk)
+    exp.check(exp.cfg(f"nbits={nbits}"))
+    rows = []
+    for name, description, overrides in variants:
+        per_seed, results = [], []
+        for seed in seeds:
+            cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", *overrides)
+            results.append(exp.run(f"{name}_{nbits}bits_seed{seed}", cfg))
+            per_seed.append(_maps(results[-1]))
+        row = {"variant": name, "description": description, "overrides": overrides,
+               "per_seed": per_seed,
+               "mean": {k: statistics.mean(s[k] for s in per_seed) for k in topk}}
+        if extra:
+            row.update(extra(name, results))
+        rows.append(row)
+    return rows, topk
+
+
+def run_ablation(exp, nbits, seeds):
+    rows, topk = _variant_table(exp, ABLATIONS, nbits, seeds)
+    full, first, last = rows[0]["mean"], topk[0], topk[-1]
+    table = [[r["variant"], r["description"]] + [f"{r['mean'][k]:.4f}" for k in topk]
+             + [f"{r['mean'][k] - full[k]:+.4f}" for k in (first, last)] for r in rows]
+    header = (["variant", "what changes"] + [f"mAP@{k}" for k in topk]
+              + [f"Δ mAP@{first} vs full", f"Δ mAP@{last} vs full"])
+    text = (f"Ablation: {exp.title(nbits, 'test mAP@R, ')}, mean over seeds {list(seeds)}\n\n"
+            + markdown(header, table))
+    exp.write({"dataset": exp.dataset, "nbits": nbits, "selection": exp.select,
+               "seeds": list(seeds), "rows": rows}, text)
+    return rows
+
+
+def _epoch_seconds(run_dir):
+    """Mean training seconds per epoch, the first (compilation, graph capture) left out."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        run_id = json.load(f)["run_id"]
+    times = [r["train_seconds"] for r in read_log(os.path.join(run_dir, "log.jsonl"), run_id)]
+    return statistics.mean(times[1:] if len(times) > 1 else times)
+
+
+def run_backbones(exp, nbits, seeds):
+    variants = [(mixer, f"{mixer} mixers in the same layer", [f"model.mixer='{mixer}'"])
+                for mixer in BACKBONES]
+
+    def extra(name, results):
+        dirs = [exp.run_dir(f"{name}_{nbits}bits_seed{seed}") for seed in seeds]
+        return {"seconds_per_epoch": statistics.mean(_epoch_seconds(d) for d in dirs),
+                "parameters": results[0]["runtime"]["parameters"],
+                "implementation": results[0]["runtime"]["mixer"]}
+
+    rows, topk = _variant_table(exp, variants, nbits, seeds, extra)
+    table = [[r["variant"], r["implementation"], f"{r['parameters']:,}",
+              f"{r['seconds_per_epoch']:.3f}"] + [f"{r['mean'][k]:.4f}" for k in topk]
+             for r in rows]
+    header = ["backbone", "implementation", "parameters", "s / epoch"] + [f"mAP@{k}" for k in topk]
+    text = (f"Backbones: {exp.title(nbits, 'test mAP@R, ')}, mean over seeds {list(seeds)}, "
+            f"device {exp.device}\n\n" + markdown(header, table))
+    exp.write({"dataset": exp.dataset, "nbits": nbits, "selection": exp.select,
+               "seeds": list(seeds), "device": str(exp.device), "rows": rows}, text)
+    return rows
+
+
+def run_transfer(exp, source, target, nbits, seed):
+    """Train on the source data set and evaluate on the target's protocol, beside training on the
+    target; codes and results stay under the experiment's output."""
+    source_cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", config=source)
+    target_cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", config=target)
+    for key in ("max_frames", "feature_size"):
+        if source_cfg[key] != target_cfg[key]:
+            raise UserError(f"transfer needs the same frame features: {key} is "
+                            f"{source_cfg[key]} on {source_cfg.dataset} and {target_cfg[key]} "
+                            f"on {target_cfg.dataset}")
+    for cfg in (source_cfg, target_cfg):
+        exp.check(cfg)
+    a, b = source_cfg.dataset, target_cfg.dataset
+    exp.run(f"train_{a}_{nbits}bits_seed{seed}", source_cfg)
+    on_target = exp.run(f"train_{b}_{nbits}bits_seed{seed}", target_cfg)
+    # the source's model on the target's data and protocol
+    cross_cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", f"model={dict(source_cfg.model)!r}",
+                        config=target)
+    checkpoint = os.path.join(exp.run_dir(f"train_{a}_{nbits}bits_seed{seed}"), "best.pth")
+    result, db_codes, query_codes = evaluate_checkpoint(cross_cfg, checkpoint, exp.device)
+    codes_path = os.path.join(exp.out, f"codes_{a}_to_{b}_{nbits}bits.npz")
+    with atomic_path(codes_path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, database=db_codes, queries=query_codes)
+    topk = tuple(target_cfg.eval.topk)
+    rows = [{"train": a, "evaluate": b, "mAP": result["mAP"]},
+            {"train": b, "evaluate": b, "mAP": _maps(on_target)}]
+    table = [[f"{r['train']} → {r['evaluate']}"] + [f"{r['mAP'][k]:.4f}" for k in topk]
+             for r in rows]
+    text = (f"Transfer: {a} → {b}, {nbits} bits, seed {seed}, selection: {exp.select} "
+            f"(on the training set's own protocol)\n\n"
+            + markdown(["train → evaluate"] + [f"mAP@{k}" for k in topk], table))
+    exp.write({"source": a, "target": b, "nbits": nbits, "seed": seed, "rows": rows,
+               "codes": codes_path}, text)
+    return rows
+
+
+CONVERGENCE_K = (5, 20, 100)
+
+
+def run_convergence(exp, nbits, seeds, eval_every):
+    """Test mAP@5/20/100 against epoch with and without L_CA (monitoring, not selection)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    exp.check(exp.cfg(f"nbits={nbits}"))
+    monitor = ["train.monitor='test'", f"train.eval_every={eval_every}"]
+    curves = {}
+    for name, label, overrides in (("with_ca", "with L_CA", []),
+                                   ("without_ca", "without L_CA", ["train.a_cluster=0.0"])):
+        per_seed = []
+        for seed in seeds:
+            cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", *monitor, *overrides)
+            run_name = f"convergence_{name}_{nbits}bits_seed{seed}"
+            results = exp.run(run_name, cfg)
+            records = read_log(os.path.join(exp.run_dir(run_name), "log.jsonl"), results["run_id"])
+            per_seed.append({r["epoch"]: {int(k): v for k, v in r["test_mAP"].items()}
+                             for r in records if "test_mAP" in r})
+        epochs = sorted(per_seed[0])
+        curves[name] = {"label": label, "epochs": epochs,
+                        "mAP": {k: [statistics.mean(s[e][k] for s in per_seed) for e in epochs]
+                                for k in CONVERGENCE_K}}
+    fig, axes = plt.subplots(1, len(CONVERGENCE_K), figsize=(13, 3.8))
+    for ax, k in zip(axes, CONVERGENCE_K):
+        for curve in curves.values():
+            ax.plot(curve["epochs"], curve["mAP"][k], "o-", markersize=3, label=curve["label"])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"test mAP@{k}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Convergence: {exp.title(nbits)} (runs monitored, not selected), "
+                 f"mean over seeds {list(seeds)}")
+    fig.tight_layout()
+    figure = exp.save_figure(fig)
+    rows = [[c["label"], e] + [f"{c['mAP'][k][i]:.4f}" for k in CONVERGENCE_K]
+            for c in curves.values() for i, e in enumerate(c["epochs"])]
+    text = (f"Convergence: {exp.title(nbits)}, test mAP@R every {eval_every} epochs\n\n"
+            + markdown(["run", "epoch"] + [f"mAP@{k}" for k in CONVERGENCE_K], rows))
+    exp.write({"dataset": exp.dataset, "nbits": nbits, "seeds": list(seeds),
+               "eval_every": eval_every, "curves": curves, "figure": figure}, text)
+    return curves
+
+
+def _codes(exp, nbits, seed):
+    """Query/database codes and labels of S5VH (the main run), ITQ and LSH on the test protocol."""
+    cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
+    exp.check(cfg, baseline_bits=(nbits,))
+    exp.run(s5vh_run_name(nbits, seed), cfg)
+    checkpoint = os.path.join(exp.run_dir(s5vh_run_name(nbits, seed)), "best.pth")
+    _, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint, exp.device)
+    train, (db_feats, db_labels), (query_feats, query_labels) = mean_pooled_sets(cfg)
+    codes = {"S5VH": (db_codes.astype(np.float32), query_codes.astype(np.float32))}
+    for method in ("itq", "lsh"):
+        db, query = baseline_codes(method, nbits, train, db_feats, query_feats, seed=seed)
+        codes[method.upper()] = (db.numpy(), query.numpy())
+    return codes, db_labels, query_labels
+
+
+def run_curves(exp, nbits, seed, top_n):
+    """mAP@N for N in `top_n` and precision-recall by Hamming radius (Figures 3 and 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    codes, db_labels, query_labels = _codes(exp, nbits, seed)
+    curves = {}
+    for method, (db, query) in codes.items():
+        maps = retrieval_metrics(query, db, query_labels, db_labels, topk=tuple(top_n))["mAP"]
+        pr = precision_recall_by_radius(query, db, query_labels, db_labels)
+        curves[method] = {"N": list(top_n), "mAP": [maps[n] for n in top_n], **pr}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, curve in curves.items():
+        left.plot(curve["N"], curve["mAP"], "o-", markersize=3, label=method)
+        right.plot(curve["recall"], curve["precision"], "o-", markersize=3, label=method)
+    left.set_xlabel("N (retrieved videos)")
+    left.set_ylabel("test mAP@N")
+    right.set_xlabel("recall (Hamming ball of radius 0..B)")
+    right.set_ylabel("precision")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{exp.title(nbits)}, seed {seed}")
+    fig.tight_layout()
+    figure = exp.save_figure(fig)
+    marks = [n for n in top_n if n in (5, 20, 40, 60, 80, 100)] or list(top_n)[:6]
+    rows = [[m] + [f"{c['mAP'][c['N'].index(n)]:.4f}" for n in marks] for m, c in curves.items()]
+    text = (f"mAP@N and precision-recall: {exp.title(nbits)}, seed {seed} (figure: {figure})\n\n"
+            + markdown(["method"] + [f"mAP@{n}" for n in marks], rows))
+    exp.write({"dataset": exp.dataset, "nbits": nbits, "seed": seed, "selection": exp.select,
+               "curves": curves, "figure": figure}, text)
+    return curves
+
+
+def run_tsne(exp, nbits, seed):
+    """t-SNE of the query codes of the first classes, S5VH beside ITQ (Figure 5)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+    codes, _, query_labels = _codes(exp, nbits, seed)
+    classes = query_labels.argmax(1)
+    keep = classes < TSNE_CLASSES
+    shown = sorted(set(classes[keep].tolist()))
+    points = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, method in zip(axes, ("S5VH", "ITQ")):
+        query = codes[method][1][keep]
+        embedded = TSNE(n_components=2, perplexity=min(30.0, len(query) - 1.0), init="pca",
+                        random_state=seed).fit_transform(query.astype(np.float32))
+        points[method] = embedded.tolist()
+        for c in shown:
+            ax.scatter(*embedded[classes[keep] == c].T, s=8, label=f"class {c}")
+        ax.set_title(method)
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
+    axes[1].legend(fontsize=7, markerscale=2, loc="best")
+    fig.suptitle(f"Query codes of classes {shown[0]}..{shown[-1]}: {exp.title(nbits)}, "
+                 f"seed {seed}")
+    fig.tight_layout()
+    figure = exp.save_figure(fig)
+    text = (f"t-SNE of {int(keep.sum())} query codes ({len(shown)} classes): "
+            f"{exp.title(nbits)}, seed {seed}; figure: {figure}")
+    exp.write({"dataset": exp.dataset, "nbits": nbits, "seed": seed, "selection": exp.select,
+               "classes": classes[keep].tolist(), "points": points, "figure": figure}, text)
+    return points
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=["main", "ablation", "backbones", "transfer",
+                                               "convergence", "curves", "tsne"])
+    parser.add_argument("--config", help="config of the data set (all but transfer)")
+    parser.add_argument("--source", help="transfer: config trained on")
+    parser.add_argument("--target", help="transfer: config evaluated on")
+    parser.add_argument("--bits", type=int, nargs="+", default=None,
+                        help="code lengths (main: 16 32 64; the others: the first of these, "
+                             "default the config's nbits)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds (main: 1 2 3; the others: 1)")
+    parser.add_argument("--eval-every", type=int, default=10, help="convergence: epochs between "
+                                                                    "evaluations")
+    parser.add_argument("--top-n", type=int, nargs=3, default=[5, 100, 5],
+                        metavar=("FIRST", "LAST", "STEP"), help="curves: N of mAP@N")
+    parser.add_argument("--out", default=None, help="output folder (default "
+                                                    "work_dirs/paper/<dataset>)")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    transfer = args.experiment == "transfer"
+    if transfer != bool(args.source and args.target) or transfer == bool(args.config):
+        raise UserError("transfer needs --source and --target; the other experiments --config")
+    if args.eval_every < 1 or args.top_n[0] < 1 or args.top_n[1] < args.top_n[0] or \
+            args.top_n[2] < 1:
+        raise UserError("--eval-every must be >= 1 and --top-n FIRST LAST STEP increasing, >= 1")
+    exp = Experiment(args.experiment, args.target if transfer else args.config,
+                     args.cfg_options, args.out)
+    main_run = args.experiment == "main"
+    bits = args.bits or ([16, 32, 64] if main_run else [exp.cfg().nbits])
+    seeds = args.seeds or ([1, 2, 3] if main_run else [1])
+    if args.experiment == "main":
+        return run_main(exp, bits, seeds)
+    if args.experiment == "ablation":
+        return run_ablation(exp, bits[0], seeds)
+    if args.experiment == "backbones":
+        return run_backbones(exp, bits[0], seeds)
+    if args.experiment == "transfer":
+        return run_transfer(exp, args.source, args.target, bits[0], seeds[0])
+    if args.experiment == "convergence":
+        return run_convergence(exp, bits[0], seeds, args.eval_every)
+    if args.experiment == "curves":
+        first, last, step = args.top_n
+        return run_curves(exp, bits[0], seeds[0], range(first, last + 1, step))
+    return run_tsne(exp, bits[0], seeds[0])
+
+
+if __name__ == "__main__":
+    run_cli(main)
