@@ -259,7 +259,8 @@ def _killed(code_before, argv):
     and return its exit status (-9 when it was killed)."""
     program = (f"import os, signal, sys, runpy\n{code_before}\n"
                f"sys.argv = {argv!r}\nrunpy.run_path({argv[0]!r}, run_name='__main__')\n")
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     return subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 

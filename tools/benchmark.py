@@ -91,8 +91,8 @@ def bench_training(device, videos, steps, warmup_steps=5):
         for phase, smoothing_beta in (("warm_up", None), ("smoothing", cfg.train.smoothing_beta)):
             gen_dev = epoch_generator(0, 0, device)
             gen_host = epoch_generator(0, 0, "cpu")
-            for step in range(warmup_steps + steps):
-                if step == warmup_steps:
+            for i in range(warmup_steps + steps):
+                if i == warmup_steps:
                     synchronize(device)
                     start = time.perf_counter()
                 # batch order and masks drawn where the features are kept

@@ -117,12 +117,13 @@ class Experiment:
         print(table)
 
     def save_figure(self, fig):
+        """Write the figure beside the tables; returns its name (relative to the output)."""
         import matplotlib.pyplot as plt
-        path = os.path.join(self.out, f"{self.name}.png")
-        with atomic_path(path) as tmp:
+        name = f"{self.name}.png"
+        with atomic_path(os.path.join(self.out, name)) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
-        return path
+        return name
 
 
 def _maps(results):
@@ -270,8 +271,8 @@ def run_transfer(exp, source, target, nbits, seed):
                         config=target)
     checkpoint = os.path.join(exp.run_dir(f"train_{a}_{nbits}bits_seed{seed}"), "best.pth")
     result, db_codes, query_codes = evaluate_checkpoint(cross_cfg, checkpoint, exp.device)
-    codes_path = os.path.join(exp.out, f"codes_{a}_to_{b}_{nbits}bits.npz")
-    with atomic_path(codes_path) as tmp, open(tmp, "wb") as f:
+    codes_name = f"codes_{a}_to_{b}_{nbits}bits.npz"
+    with atomic_path(os.path.join(exp.out, codes_name)) as tmp, open(tmp, "wb") as f:
         np.savez(f, database=db_codes, queries=query_codes)
     topk = tuple(target_cfg.eval.topk)
     rows = [{"train": a, "evaluate": b, "mAP": result["mAP"]},
@@ -282,7 +283,7 @@ def run_transfer(exp, source, target, nbits, seed):
             f"(on the training set's own protocol)\n\n"
             + markdown(["train → evaluate"] + [f"mAP@{k}" for k in topk], table))
     exp.write({"source": a, "target": b, "nbits": nbits, "seed": seed, "rows": rows,
-               "codes": codes_path}, text)
+               "codes": codes_name}, text)
     return rows
 
 
