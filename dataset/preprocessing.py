@@ -9,7 +9,6 @@ Each set is computed before any of its files is written, and every file is writt
 Computation runs with one BLAS/OpenMP thread where thread count changes floating-point sums
 (k-means, the center ADMM), so the same inputs, config and seed give the same artifacts.
 """
-import json
 import os
 import time
 

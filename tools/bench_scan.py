@@ -19,7 +19,7 @@ import torch
 
 import model.scan_triton as scan_triton
 from model.mamba import selective_scan_ref
-from utils.fileio import atomic_write_text
+from utils.fileio import write_json
 
 TRAINING_SHAPES = [(256, 13), (256, 25)]
 LONG_SHAPES = [(16, 64), (16, 128), (16, 256), (16, 1024), (256, 64), (256, 128), (256, 256)]
@@ -129,7 +129,7 @@ def main(argv=None):
               "defaults": {"block": scan_triton.BLOCK_E, "warps": scan_triton.NUM_WARPS},
               "rows": rows}
     if args.out:
-        atomic_write_text(args.out, json.dumps(report, indent=2))
+        write_json(args.out, report)
     return report
 
 

@@ -27,7 +27,7 @@ from model.s5vh import build_model
 from optim.engine import TrainStep, epoch_generator, make_views
 from optim.optimizer import build_optimizer
 from utils.config import build_config
-from utils.fileio import atomic_write_text
+from utils.fileio import write_json
 
 UCF_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "configs", "S5VH", "ucf.py")
@@ -273,7 +273,7 @@ def main(argv=None):
         report["frames"] = bench_frames(device, args.frames, args.frames_batch)
     if "profile" in args.parts:
         report["profile"] = profile_step(device)
-    atomic_write_text(report_path, json.dumps(report, indent=2))
+    write_json(report_path, report)
     if "frames" in report:
         plot(report, os.path.join(args.out, "encoder_vs_frames.png"))
     return report

@@ -7,7 +7,6 @@ import argparse
 import os
 import tempfile
 
-import numpy as np
 from threadpoolctl import threadpool_info
 
 from dataset.demo import ensure_demo_data

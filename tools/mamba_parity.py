@@ -6,12 +6,11 @@ errors ||mixer - cuda|| / ||cuda||, and times forward+backward of all three.
     python -m tools.mamba_parity --frames 25 30 256 2048 --out parity.json
 """
 import argparse
-import json
 
 import torch
 
 from model.mamba import MambaMixer, selective_scan_ref
-from utils.fileio import atomic_write_text
+from utils.fileio import write_json
 
 
 def relative_error(a, b):
@@ -88,7 +87,7 @@ def main(argv=None):
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "tolerance": args.tolerance, "rows": rows}
     if args.out:
-        atomic_write_text(args.out, json.dumps(report, indent=2))
+        write_json(args.out, report)
     return report
 
 

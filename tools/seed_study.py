@@ -10,13 +10,12 @@ seeds; per variant after the first: the paired difference to the first variant, 
 A difference within the seeds' spread is run-to-run noise.
 """
 import argparse
-import json
 import os
 import statistics
 
 from optim.runner import ensure_run
 from utils.config import build_config
-from utils.fileio import atomic_write_text
+from utils.fileio import write_json
 
 REPORTED_K = (5, 20, 100)
 
@@ -80,11 +79,9 @@ def main(argv=None):
             line += "   " + " / ".join(f"{per_k[k]['paired_diff_mean']:+.4f}" for k in REPORTED_K)
         print(line)
     if args.out:
-        atomic_write_text(args.out, json.dumps({"config": args.config, "seeds": args.seeds,
-                                                "variants": dict(variants),
-                                                "options": args.cfg_options,
-                                                "results": results, "summary": summary},
-                                               indent=2))
+        write_json(args.out, {"config": args.config, "seeds": args.seeds,
+                              "variants": dict(variants), "options": args.cfg_options,
+                              "results": results, "summary": summary})
     return results, summary
 
 
