@@ -155,15 +155,20 @@ def ensure_preprocessed(cfg, force=False):
     'computed' or 'unrecorded' (used under preprocess.release_artifacts)."""
     paths = cfg.paths
     videos = train_set(cfg)
-    writable_dir(paths.artifact_dir, "artifact directory")
+    if not os.path.isdir(paths.artifact_dir):
+        writable_dir(paths.artifact_dir, "artifact directory")
     with dir_lock(paths.artifact_dir, "artifact directory", wait=True):
-        remove_stale_temporaries(paths.artifact_dir, names=[
-            os.path.basename(paths[name]) for name in CLUSTER_ARTIFACTS + CENTER_ARTIFACTS
-            + ("cluster_record", "center_record")])
+        if os.access(paths.artifact_dir, os.W_OK):
+            remove_stale_temporaries(paths.artifact_dir, names=[
+                os.path.basename(paths[name]) for name in CLUSTER_ARTIFACTS + CENTER_ARTIFACTS
+                + ("cluster_record", "center_record")])
         status = {}
         inputs = cluster_inputs(cfg, videos)
         if force or _needs_computing(cfg, "clustering", paths.cluster_record, inputs,
                                      CLUSTER_ARTIFACTS):
+            # a read-only location is refused before anything is computed, and only when
+            # something has to be written there
+            writable_dir(paths.artifact_dir, "artifact directory")
             compute_clusters(cfg, videos, inputs)
             status["clusters"] = "computed"
         else:
@@ -171,6 +176,7 @@ def ensure_preprocessed(cfg, force=False):
         inputs = center_inputs(cfg)
         if force or _needs_computing(cfg, f"hash centers ({cfg.nbits} bits)",
                                      paths.center_record, inputs, CENTER_ARTIFACTS):
+            writable_dir(paths.artifact_dir, "artifact directory")
             compute_centers(cfg, inputs)
             status["centers"] = "computed"
         else:

@@ -137,6 +137,26 @@ def test_read_only_directories_stop_before_any_work(data, capsys):
     assert code == 2 and "artifact directory" in err and "not writable" in err
 
 
+def test_a_read_only_data_directory_is_used_when_nothing_must_be_written(data, capsys,
+                                                                        tmp_path_factory):
+    items = [f"data_root={str(data)!r}", *TINY]
+    preprocess_script.main(["--config", DEMO_CONFIG, "--cfg-options", *items])
+    view = tmp_path_factory.mktemp("read_only")
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(data), str(view)],
+                      capture_output=True).returncode or os.access(view, os.W_OK) and \
+            subprocess.run(["touch", str(view / "probe")], capture_output=True).returncode == 0:
+        subprocess.run(["umount", str(view)], capture_output=True)
+        pytest.skip("cannot make a read-only view of a directory here")
+    try:
+        argv = ["--config", DEMO_CONFIG, "--cfg-options", f"data_root={str(view)!r}", *TINY]
+        assert preprocess_script.main(argv) == {"clusters": "reused", "centers": "reused"}
+        code, err = run_script(preprocess_script, argv + ["seed=2"], capsys)
+    finally:
+        subprocess.run(["umount", str(view)])
+    assert code == 2 and err == (f"error: the artifact directory {view / 'demo'} is not "
+                                 f"writable: Read-only file system\n")
+
+
 def test_a_full_disk_is_one_line(data, capsys, tmp_path_factory):
     small = tmp_path_factory.mktemp("small")
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)],
