@@ -38,7 +38,7 @@ def check_fresh(run_dir, replace):
                           f"another --work-dir")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"run directory {run_dir} exists and is not a directory")
-    writable_dir(os.path.dirname(os.path.abspath(run_dir)), "work directory")
+    writable_dir(os.path.dirname(os.path.abspath(run_dir)), "work directory", create=False)
 
 
 def empty(run_dir):

@@ -198,6 +198,9 @@ def start_run(cfg, run_dir=None, replace=False, progress=True):
 
     A run that fails before its first epoch removes its run directory again."""
     run_dir = run_dir or cfg.paths.run_dir
+    # the folders this run creates, outermost first: removed again if it fails before training
+    created = [folder for folder in reversed([run_dir, *_parents(run_dir)])
+               if not os.path.isdir(folder)]
     check_fresh(run_dir, replace)
     os.makedirs(run_dir, exist_ok=True)
     with dir_lock(run_dir, "run directory"):
@@ -212,8 +215,19 @@ def start_run(cfg, run_dir=None, replace=False, progress=True):
         except BaseException:
             if not started:
                 empty(run_dir)
-                os.rmdir(run_dir)
+                for folder in reversed(created or [run_dir]):
+                    if not os.listdir(folder):
+                        os.rmdir(folder)
             raise
+
+
+def _parents(path):
+    """The parent folders of `path`, innermost first."""
+    parents, current = [], os.path.dirname(os.path.abspath(path))
+    while current != os.path.dirname(current):
+        parents.append(current)
+        current = os.path.dirname(current)
+    return parents
 
 
 def resume_run(cfg, record, run_dir, progress=True):

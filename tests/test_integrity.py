@@ -41,9 +41,9 @@ def run_script(script, argv, capsys):
 
 
 def listing(root):
-    """Every path under `root` (to see what a failed command left behind)."""
-    return sorted(os.path.relpath(os.path.join(d, f), root)
-                  for d, _, files in os.walk(root) for f in files)
+    """Every file and folder under `root` (to see what a failed command left behind)."""
+    return sorted(os.path.relpath(os.path.join(d, name), root)
+                  for d, folders, files in os.walk(root) for name in folders + files)
 
 
 @pytest.fixture

@@ -40,12 +40,22 @@ def _is_write_error(err):
     return err.errno in WRITE_ERRNOS or "No space left" in str(err)
 
 
-def writable_dir(path, what):
-    """Create `path` if needed and make (then remove) a file in it, so a read-only or missing
-    location stops with a UserError before any work is done."""
+def writable_dir(path, what, create=True):
+    """Check that files can be made in the directory `path` by making (and removing) one, so a
+    read-only or impossible location stops with a UserError before any work is done. With
+    `create` the directory is made if missing; without, nothing is left behind: the check probes
+    the nearest existing folder on the way to `path`."""
     try:
-        os.makedirs(path, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TMP_SUFFIX, dir=path)
+        if create:
+            os.makedirs(path, exist_ok=True)
+            probe_dir = path
+        else:
+            probe_dir = os.path.abspath(path)
+            while not os.path.exists(probe_dir):
+                probe_dir = os.path.dirname(probe_dir)
+            if not os.path.isdir(probe_dir):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TMP_SUFFIX, dir=probe_dir)
         os.close(handle)
         os.remove(probe)
     except OSError as err:

@@ -36,11 +36,20 @@ def get_logger(module_name):
     return logging.getLogger(f"{LOGGER_NAME}.{module_name}")
 
 
+class _RunLog(logging.FileHandler):
+    """A run directory's log file. A failed write (a full disk) is not reported here: the run's
+    next file write fails the same way and stops the run with one line, where a report here
+    would print a traceback first."""
+
+    def handleError(self, record):
+        pass
+
+
 @contextlib.contextmanager
 def log_to_file(path):
     """Also write the project's messages to `path` (appended) while the context is open."""
     logger = logging.getLogger(LOGGER_NAME)
-    handler = logging.FileHandler(path)
+    handler = _RunLog(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(handler)
     try:
