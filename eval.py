@@ -11,7 +11,6 @@ from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
 from inference.evaluate import evaluate_baselines, evaluate_checkpoint, format_table, save_codes
 from optim.run_dir import read_run_config
-from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
 from utils.config import build_config
 from utils.device import resolve_device
@@ -39,7 +38,8 @@ def parse_args(argv=None):
 
 
 def resolve(args):
-    """(cfg, checkpoint or None, output folder or None), checked before any work."""
+    """(cfg, checkpoint or None, the run id it must carry or None, output folder or None),
+    checked before any work."""
     if "s5vh" in args.method and not (args.run or args.checkpoint):
         raise UserError("scoring s5vh needs --run (or --checkpoint with --config)")
     if bool(args.config) == bool(args.run):
@@ -48,21 +48,17 @@ def resolve(args):
         # the run's config is data: reading it executes nothing from the run directory
         cfg, record = read_run_config(args.run, args.cfg_options, allowed=None)
         checkpoint = args.checkpoint or os.path.join(args.run, "best.pth")
-        if args.checkpoint is None:
-            state = load_checkpoint(checkpoint, cfg)
-            if state.get("run_id") != record["run_id"]:
-                raise UserError(f"{checkpoint} belongs to another run than "
-                                f"{args.run}/config.json")
-        # results of the run's own model on its own data may go beside it; anything else not
-        own = args.checkpoint is None and not args.cfg_options
-        return cfg, checkpoint, args.out or (args.run if own else None)
+        # the run's own model must carry its run id; its results on its own data may go beside it
+        own = args.checkpoint is None
+        return (cfg, checkpoint, record["run_id"] if own else None,
+                args.out or (args.run if own and not args.cfg_options else None))
     cfg = build_config(args.config, args.cfg_options)
-    return cfg, args.checkpoint if "s5vh" in args.method else None, args.out
+    return cfg, args.checkpoint if "s5vh" in args.method else None, None, args.out
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg, checkpoint, out_dir = resolve(args)
+    cfg, checkpoint, run_id, out_dir = resolve(args)
     ensure_demo_data(cfg)
     baselines = [m for m in args.method if m != "s5vh"]
     bits = args.bits or [16, 32, 64]
@@ -70,8 +66,8 @@ def main(argv=None):
     rows = []
     codes = None
     if checkpoint is not None:
-        result, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint,
-                                                            resolve_device(cfg.train.device))
+        result, db_codes, query_codes = evaluate_checkpoint(
+            cfg, checkpoint, resolve_device(cfg.train.device), run_id)
         rows.append({"method": "s5vh", "nbits": cfg.nbits, **result})
         codes = (db_codes, query_codes)
     if baselines:

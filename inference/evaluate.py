@@ -39,21 +39,23 @@ def evaluate_baselines(cfg, methods, bits):
     return rows
 
 
-def load_model(cfg, checkpoint, device):
-    """The S5VH model of `cfg` with the weights of `checkpoint` (made for that model)."""
-    state = load_checkpoint(checkpoint, cfg)
+def load_model(cfg, checkpoint, device, run_id=None):
+    """The S5VH model of `cfg` with the weights of `checkpoint` (made for that model, and by the
+    run `run_id` when given)."""
+    state = load_checkpoint(checkpoint, cfg, run_id=run_id)
     model = build_model(cfg, device)
     model.load_state_dict(state["model"])
     return model
 
 
-def evaluate_checkpoint(cfg, checkpoint, device):
-    """Score an S5VH checkpoint made for `cfg` on the test protocol.
+def evaluate_checkpoint(cfg, checkpoint, device, run_id=None):
+    """Score an S5VH checkpoint made for `cfg` (by the run `run_id` when given) on the test
+    protocol.
 
     Returns (result {'mAP', 'precision'}, database codes (N, B), query codes (Q, B)) with the
     codes as int8 numpy arrays.
     """
-    model = load_model(cfg, checkpoint, device)
+    model = load_model(cfg, checkpoint, device, run_id)
     retrieval = RetrievalSet("test", *retrieval_sets(cfg))
     db_codes, query_codes = retrieval.codes(model, cfg, device)
     result = score_codes(db_codes, query_codes, retrieval.database.labels,

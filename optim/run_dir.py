@@ -13,7 +13,7 @@ import uuid
 
 from utils.config import config_fingerprint, load_saved_config, save_config
 from utils.errors import UserError
-from utils.fileio import atomic_write_text, read_json, writable_dir
+from utils.fileio import atomic_write_text, json_text, read_json, writable_dir
 
 CONFIG_FILE = "config.json"
 # keys a resume may change: they do not change what is computed, only how it is logged or batched
@@ -89,7 +89,7 @@ def read_log(path, run_id):
         try:
             record = json.loads(line)
         except ValueError:
-            if number >= len(lines) - 1 and not any(rest.strip() for rest in lines[number:]):
+            if not any(rest.strip() for rest in lines[number:]):
                 break                      # the last line, torn by a kill
             raise RunDirError(f"{path}: line {number} is not JSON") from None
         if record.get("run_id") != run_id:
@@ -100,7 +100,7 @@ def read_log(path, run_id):
 
 
 def rewrite_log(path, records):
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(path, "".join(json_text(r, indent=None) + "\n" for r in records))
 
 
 def finished_results(run_dir, record):

@@ -181,10 +181,10 @@ def report(run, result):
 
 
 def _train(run, progress):
-    logger.info(f"training {run.num_videos} videos on {run.device}, "
-                f"{sum(p.numel() for p in run.model.parameters()):,} parameters, "
-                f"{run.cfg.train.num_epochs} epochs, select={run.cfg.train.select}")
     runtime = run.runtime()
+    logger.info(f"training {run.num_videos} videos on {run.device}, "
+                f"{runtime['parameters']:,} parameters, "
+                f"{run.cfg.train.num_epochs} epochs, select={run.cfg.train.select}")
     logger.info(f"mixer {runtime['mixer']}, {runtime['dtype']}, CUDA graphs "
                 f"{'on' if runtime['cuda_graphs'] else 'off'}")
     for epoch in range(run.start_epoch, run.cfg.train.num_epochs):
@@ -243,10 +243,8 @@ def resume_run(cfg, record, run_dir, progress=True):
         if not os.path.isfile(last):
             raise RunDirError(f"{run_dir}: nothing to resume (no last.pth: the run stopped before "
                               f"its first checkpoint); start it over with --replace")
-        state = load_checkpoint(last, cfg)
-        if (state.get("run_id"), state.get("config_fingerprint")) != (record["run_id"],
-                                                                       record["fingerprint"]):
-            raise RunDirError(f"{last} belongs to another run than {run_dir}/config.json")
+        state = load_checkpoint(last, cfg, run_id=record["run_id"],
+                                fingerprint=record["fingerprint"])
         records = read_log(os.path.join(run_dir, "log.jsonl"), record["run_id"])
         removed = remove_stale_temporaries(run_dir)
         with log_to_file(os.path.join(run_dir, "run.log")):
@@ -267,7 +265,8 @@ def ensure_run(cfg, run_dir, progress=False):
             if finished_results(run_dir, record) is not None or os.path.isfile(
                     os.path.join(run_dir, "last.pth")):
                 return resume_run(saved, record, run_dir, progress)
-        logger.info(f"{run_dir}: replacing a run of another config")
+        logger.info(f"{run_dir}: replacing a run of another config, or one stopped before its "
+                    f"first checkpoint")
     return start_run(cfg, run_dir, replace=True, progress=progress)
 
 

@@ -208,6 +208,19 @@ def test_run_directories_belong_to_one_run(data, capsys):
         {second["run_id"]}
 
 
+def test_a_checkpoint_of_another_run_is_refused(data, capsys):
+    from tests.test_training import interrupted_run, tiny_run_config
+    cfg = tiny_run_config(data, "train.num_epochs=3")
+    interrupted_run(cfg, str(data / "a"), 2)
+    interrupted_run(cfg, str(data / "b"), 3)
+    shutil.copy(data / "a" / "last.pth", data / "b" / "best.pth")    # same config, other run
+    code, err = run_script(eval_script, ["--run", str(data / "b")], capsys)
+    assert code == 2 and f"{data / 'b' / 'best.pth'} belongs to another run" in err
+    shutil.copy(data / "b" / "last.pth", data / "a" / "last.pth")
+    code, err = run_script(train_script, ["--resume", str(data / "a")], capsys)
+    assert code == 2 and f"{data / 'a' / 'last.pth'} belongs to another run" in err
+
+
 def test_a_second_run_into_a_locked_directory_stops(data, capsys):
     run_dir = data / "runs" / "demo_16bits"
     run_dir.mkdir(parents=True)

@@ -28,8 +28,9 @@ def model_meta(cfg):
             "variant": cfg.model.variant}
 
 
-def load_checkpoint(path, cfg=None, map_location="cpu"):
-    """Load `path` (weights_only=True); with `cfg`, check it was made for the same model."""
+def load_checkpoint(path, cfg=None, map_location="cpu", run_id=None, fingerprint=None):
+    """Load `path` (weights_only=True); with `cfg`, check it was made for the same model; with
+    `run_id` (and `fingerprint`), check it was written by that run (of that config)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -47,4 +48,8 @@ def load_checkpoint(path, cfg=None, map_location="cpu"):
                  if have.get(k) != v]
         if wrong:
             raise CheckpointError(f"{path} was made for another model ({'; '.join(wrong)})")
+    if run_id is not None and (payload.get("run_id"), payload.get("config_fingerprint")) != (
+            run_id, fingerprint or payload.get("config_fingerprint")):
+        raise CheckpointError(f"{path} belongs to another run than the run directory's "
+                              f"config.json")
     return payload
