@@ -170,7 +170,10 @@ def test_a_full_disk_is_one_line(data, capsys, tmp_path_factory):
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 100, os.urandom(4000), "truncated"])
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, np.random.default_rng(0).bytes(4000),
+                                     b"PK\x03\x04" + np.random.default_rng(1).bytes(4000),
+                                     "truncated"],
+                         ids=["empty", "zeros", "random", "zip-header", "truncated"])
 def test_corrupt_checkpoints_are_one_line_naming_the_file(data, capsys, content):
     code, _ = run_script(train_script, ["--config", DEMO_CONFIG, "--no-progress",
                                         *options(data)], capsys)
