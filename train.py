@@ -1,18 +1,30 @@
-"""Train S5VH: preprocessing when its artifacts are missing or stale, training, evaluation, model
-selection.
+"""Train S5VH models and print their test mAP@R table.
 
-    python train.py --config configs/S5VH/demo.py --bits 16 32 64 --compare lsh itq
-    python train.py --resume work_dirs/ucf_64bits
+For each code length in --bits and each seed in --seeds, one run: preprocessing (mean pooling,
+PCA, k-means pseudo-labels and hash centers; reused when its provenance record matches), then
+self-supervised training, model selection (train.select) and the test mAP@R of the selected
+model. The runs train together in one process, taking turns on the device and sharing one copy
+of the features in memory (--concurrent K: K at a time). Each run writes its own directory,
+<work_dir>/<dataset>_<B>bits[_seed<S>]: config.json, log.jsonl, run.log, last.pth, best.pth and
+results.json (README, "Training, evaluation, preprocessing").
+
+examples:
+  python train.py --config configs/S5VH/demo.py --bits 16 32 64 --compare lsh itq
+  python train.py --config configs/S5VH/ucf.py --bits 64 --seeds 1 2 3
+  python train.py --resume work_dirs/ucf_64bits          # continue stopped runs exactly
+
+Ctrl-C (or SIGTERM) finishes the epoch in progress, saves every run and prints the --resume
+command; a second Ctrl-C stops at once (each run then continues from its last save).
 """
 import argparse
 
 from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
 from inference.evaluate import evaluate_baselines, format_table
-from optim.run_dir import check_fresh, read_run_config
-from optim.runner import resume_run, start_run
+from optim.run_dir import check_fresh, check_run_inputs, read_run_config
+from optim.runner import Job, train_runs
 from utils.cli import run_cli
-from utils.config import build_config
+from utils.config import MAX_BITS, build_config, check_distinct
 from utils.errors import UserError
 from utils.log import get_logger
 
@@ -20,65 +32,91 @@ logger = get_logger("train")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="config file, e.g. configs/S5VH/ucf.py")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its last checkpoint")
+    parser = argparse.ArgumentParser(
+        prog="python train.py", description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="config file of the data set, e.g. configs/S5VH/ucf.py")
+    parser.add_argument("--resume", nargs="+", metavar="RUN_DIR",
+                        help="continue these runs from their last checkpoints (a finished run "
+                             "prints its results); they train together")
     parser.add_argument("--bits", nargs="+", type=int, default=None,
-                        help="train one model per code length (default: the config's nbits)")
+                        help=f"code lengths, one run each (1..{MAX_BITS}; default: the config's "
+                             f"nbits)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="seeds, one run per code length and seed (default: the config's "
+                             "seed); with several, run directories end in _seed<S>")
+    parser.add_argument("--concurrent", type=int, default=None, metavar="K",
+                        help="train at most K runs at a time (default: all together)")
     parser.add_argument("--compare", nargs="+", default=[], choices=["lsh", "itq"],
-                        help="score these baselines on the same protocol and print one table")
+                        help="also score these baselines on the same protocol, in the same table")
     parser.add_argument("--work-dir", default=None,
                         help="parent of the run directories (default: the config's work_dir)")
     parser.add_argument("--replace", action="store_true",
-                        help="empty a non-empty run directory and start the run there again")
+                        help="empty the run directories first when they hold runs (only runs of "
+                             "this project; anything else stops)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. train.num_epochs=10 nbits=32 (on "
-                             "--resume only the keys that do not change the result)")
+                        help="override config keys, e.g. train.num_epochs=10 data_root=/data "
+                             "(on --resume only the keys that cannot change the result)")
     return parser.parse_args(argv)
 
 
-def runs_to_do(args):
-    """[(cfg, saved record or None, run_dir)] for the runs the arguments ask for."""
+def jobs_to_do(args):
+    """The runs the arguments ask for, as optim.runner Jobs."""
     if bool(args.config) == bool(args.resume):
         raise UserError("give either --config or --resume")
+    if args.concurrent is not None and args.concurrent < 1:
+        raise UserError(f"--concurrent must be at least 1, got {args.concurrent}")
     if args.resume:
-        if args.bits or args.work_dir or args.replace:
-            raise UserError("--resume continues a run as it was started: --bits, --work-dir "
-                            "and --replace cannot be used with it")
-        cfg, record = read_run_config(args.resume, args.cfg_options)
-        return [(cfg, record, args.resume)]
+        if args.bits or args.seeds or args.work_dir or args.replace:
+            raise UserError("--resume continues runs as they were started: --bits, --seeds, "
+                            "--work-dir and --replace cannot be used with it")
+        check_distinct(args.resume, "--resume")
+        jobs = []
+        for run_dir in args.resume:
+            cfg, record = read_run_config(run_dir, args.cfg_options)
+            jobs.append(Job(cfg, run_dir, record))
+        return jobs
     options = list(args.cfg_options)
     if args.work_dir:
         options.append(f"work_dir={args.work_dir!r}")
-    bits = args.bits or [build_config(args.config, options).nbits]
-    configs = [build_config(args.config, options + [f"nbits={nbits}"]) for nbits in bits]
-    return [(cfg, None, cfg.paths.run_dir) for cfg in configs]
+    base = build_config(args.config, options)
+    bits = args.bits or [base.nbits]
+    seeds = args.seeds or [base.seed]
+    check_distinct(bits, "--bits")
+    check_distinct(seeds, "--seeds")
+    jobs = []
+    for nbits in bits:
+        for seed in seeds:
+            cfg = build_config(args.config, options + [f"nbits={nbits}", f"seed={seed}"])
+            run_dir = cfg.paths.run_dir + (f"_seed{seed}" if len(seeds) > 1 else "")
+            jobs.append(Job(cfg, run_dir, replace=args.replace))
+    return jobs
 
 
 def main(argv=None):
     args = parse_args(argv)
-    runs = runs_to_do(args)
-    bits = [cfg.nbits for cfg, _, _ in runs]
-    for cfg, record, run_dir in runs:          # every check before any work
-        ensure_demo_data(cfg)
-        check_inputs(cfg, baseline_bits=bits if "itq" in args.compare else ())
-        if record is None:
-            check_fresh(run_dir, args.replace)
-    rows = []
-    for cfg, record, run_dir in runs:
-        logger.info(f"== S5VH {cfg.dataset}, {cfg.nbits} bits -> {run_dir}")
-        if record is None:
-            results = start_run(cfg, run_dir, args.replace, progress=not args.no_progress)
+    jobs = jobs_to_do(args)
+    bits = sorted({job.cfg.nbits for job in jobs})
+    for job in jobs:                            # every check before any work
+        ensure_demo_data(job.cfg)
+        check_inputs(job.cfg, baseline_bits=bits if "itq" in args.compare else ())
+        if job.record is None:
+            check_fresh(job.run_dir, job.replace)
         else:
-            results = resume_run(cfg, record, run_dir, progress=not args.no_progress)
-        rows.append({"method": f"s5vh ({results['selection']})", "nbits": cfg.nbits,
-                     "mAP": {int(k): v for k, v in results["test_mAP"].items()}})
+            check_run_inputs(job.cfg, job.record)
+    results = train_runs(jobs, progress=not args.no_progress, concurrent=args.concurrent)
+    several_seeds = len({job.cfg.seed for job in jobs}) > 1
+    rows = []
+    for job, result in zip(jobs, results):
+        method = f"s5vh ({result['selection']})" + (f" s{job.cfg.seed}" if several_seeds else "")
+        rows.append({"method": method, "nbits": job.cfg.nbits,
+                     "mAP": {int(k): v for k, v in result["test_mAP"].items()}})
+    cfg = jobs[0].cfg
     if args.compare:
         rows += evaluate_baselines(cfg, args.compare, bits)
     rows.sort(key=lambda r: (r["nbits"], r["method"]))
-    print(f"\nTest mAP@K on {cfg.dataset} ({cfg.data.protocol} protocol):")
+    print(f"\nTest mAP@R on {cfg.dataset} ({cfg.data.protocol} protocol):")
     print(format_table(rows, cfg.eval.topk))
     return rows
 

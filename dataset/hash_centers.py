@@ -23,9 +23,9 @@ GOLDEN_STEP = (1 + math.sqrt(5)) / 2
 
 def min_distance(nbits, nclusters):
     """Smallest d with sum_{j<d} C(B, j) >= 2^B / K (K Hamming balls of radius d fill the cube)."""
-    target, covered = 2.0 ** nbits / nclusters, 0
+    covered = 0                          # exact integers: 2^B overflows a float beyond B = 1023
     for d in range(nbits + 1):
-        if covered >= target:
+        if covered * nclusters >= 2 ** nbits:
             return d
         covered += math.comb(nbits, d)
     return nbits

@@ -4,32 +4,25 @@ Features: HDF5, key `feats`, (N, M, D), any float dtype; read in row chunks and 
 so a file larger than memory is never loaded whole. Labels: MATLAB .mat (v5 through scipy.io, v7.3
 through h5py), (N, C) one-hot or multi-hot. Every check raises `DataError` naming the file and key.
 """
-import os
+import io
 
 import h5py
 import numpy as np
 import scipy.io
 
 from utils.errors import UserError
-from utils.fileio import atomic_path
+from utils.fileio import atomic_path, check_file, ensure_space, write_bytes
 
 
 class DataError(UserError):
     """A feature, label or artifact file that cannot be used as it is."""
 
 
-def _require_file(path, what):
-    if not path:
-        raise DataError(f"no {what} file is configured")
-    if not os.path.isfile(path):
-        raise DataError(f"{what} file not found: {path}")
-
-
 class FeatureFile:
     """Lazy (N, M, D) view of an HDF5 feature file; rows come out as float32 numpy arrays."""
 
     def __init__(self, path, key="feats", frames=None, feature_size=None):
-        _require_file(path, "feature")
+        check_file(path, "feature")
         self.path, self.key = path, key
         try:
             self._file = h5py.File(path, "r")
@@ -128,7 +121,7 @@ def read_features(path, key="feats", frames=None, feature_size=None, rows=None, 
 
 def read_labels(path, key="labels", expected_rows=None):
     """(N, C) float32 label matrix; rows must be non-empty (each video has a class)."""
-    _require_file(path, "label")
+    check_file(path, "label")
     if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5; MATLAB stores matrices transposed
         with h5py.File(path, "r") as f:
             if key not in f:
@@ -146,9 +139,15 @@ def read_labels(path, key="labels", expected_rows=None):
         labels = np.asarray(contents[key])
     if labels.ndim != 2:
         raise DataError(f"{path} ['{key}']: expected (N, C) labels, got shape {labels.shape}")
+    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == bool):
+        raise DataError(f"{path} ['{key}']: expected numeric 0/1 labels, got dtype {labels.dtype}")
     labels = labels.astype(np.float32)
-    if not np.isfinite(labels).all():
-        raise DataError(f"{path} ['{key}']: labels hold NaN/Inf")
+    not_binary = np.nonzero(~np.isin(labels, (0.0, 1.0)))
+    if len(not_binary[0]):
+        row, col = int(not_binary[0][0]), int(not_binary[1][0])
+        raise DataError(f"{path} ['{key}']: labels must be 0 or 1 (one-hot or multi-hot); "
+                        f"{len(not_binary[0])} entries are not, the first {labels[row, col]:g} "
+                        f"at row {row}, column {col}")
     if expected_rows is not None and labels.shape[0] != expected_rows:
         raise DataError(f"{path} ['{key}']: {labels.shape[0]} label rows, but the features "
                         f"have {expected_rows} videos")
@@ -159,14 +158,25 @@ def read_labels(path, key="labels", expected_rows=None):
     return labels
 
 
+def _write_hdf5(path, datasets):
+    """{key: array} as one HDF5 file, built in memory and written atomically, so a full disk is
+    an error of our own write (one line) rather than of the HDF5 library."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for key, value in datasets.items():
+            f.create_dataset(key, data=value)
+    write_bytes(path, buffer.getvalue())
+
+
 def write_features(path, feats, key="feats"):
     """Write an (N, M, D) array atomically."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset(key, data=feats)
+    _write_hdf5(path, {key: feats})
 
 
 def write_features_streamed(path, shape, blocks, key="feats", dtype=np.float32):
-    """Write (N, M, D) features from an iterable of (n, M, D) row blocks, atomically."""
+    """Write (N, M, D) features from an iterable of (n, M, D) row blocks, atomically. The space
+    the file needs is checked before anything is written."""
+    ensure_space(path, int(np.prod(shape)) * np.dtype(dtype).itemsize)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         data = f.create_dataset(key, shape=shape, dtype=dtype, chunks=(1,) + tuple(shape[1:]))
         done = 0
@@ -179,13 +189,12 @@ def write_features_streamed(path, shape, blocks, key="feats", dtype=np.float32):
 
 def write_matrix(path, key, matrix):
     """An HDF5 file with one dataset (an artifact of preprocess.py), written atomically."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset(key, data=matrix)
+    _write_hdf5(path, {key: matrix})
 
 
 def read_matrix(path, key, shape=None, dtype=None):
     """Read one dataset of an artifact file, checking its shape (None in `shape` = any)."""
-    _require_file(path, "artifact")
+    check_file(path, "artifact")
     try:
         with h5py.File(path, "r") as f:
             if key not in f:

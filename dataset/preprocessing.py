@@ -9,20 +9,21 @@ Each set is computed before any of its files is written, and every file is writt
 Computation runs with one BLAS/OpenMP thread where thread count changes floating-point sums
 (k-means, the center ADMM), so the same inputs, config and seed give the same artifacts.
 """
+import contextlib
+import hashlib
 import os
 import time
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
 from threadpoolctl import threadpool_limits
 
 from dataset.hash_centers import optimize_centers
 from dataset.io import DataError, read_matrix, write_matrix
 from dataset.protocol import train_set
-from dataset.provenance import (feature_fingerprint, file_sha256, mark_incomplete, read_record,
-                                record_problem, write_record)
-from utils.fileio import dir_lock, remove_stale_temporaries, writable_dir, write_json
+from dataset.provenance import mark_incomplete, read_record, record_problem, write_record
+from utils.content_hash import file_sha256
+from utils.fileio import (dir_lock, ensure_space, remove_stale_temporaries, writable_dir,
+                          write_json)
 from utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -43,6 +44,8 @@ def cluster_features(pooled, latent_dim, nclusters, nearest, seed, n_init=3):
     if latent_dim > min(n, dim):
         raise DataError(f"preprocess.latent_dim_pca={latent_dim} must be at most "
                         f"min(videos, feature size) = min({n}, {dim})")
+    from sklearn.cluster import KMeans          # imported here: only a computation needs them
+    from sklearn.decomposition import PCA
     start = time.perf_counter()
     pca = PCA(n_components=latent_dim, svd_solver="randomized" if latent_dim < min(n, dim) // 2
               else "full", random_state=seed)
@@ -66,8 +69,9 @@ def normalize_rows(x):
 def cluster_inputs(cfg, videos):
     """What the clustering set depends on: the training features and the clustering keys."""
     p = cfg.preprocess
-    return {"train_features": feature_fingerprint(videos.path, videos.key, videos.rows),
-            "train_videos": len(videos), "seed": cfg.seed,
+    rows = hashlib.sha256(np.asarray(videos.rows, dtype=np.int64).tobytes()).hexdigest()
+    return {"train_features": file_sha256(videos.path, "feature"), "feature_key": videos.key,
+            "train_rows": rows, "train_videos": len(videos), "seed": cfg.seed,
             "latent_dim_pca": p.latent_dim_pca, "nclusters": p.nclusters,
             "kmeans_n_init": p.kmeans_n_init, "nearest_clusters": p.nearest_clusters}
 
@@ -75,7 +79,8 @@ def cluster_inputs(cfg, videos):
 def center_inputs(cfg):
     """What the hash centers of cfg.nbits depend on: the semantic centers and the center keys."""
     p = cfg.preprocess
-    return {"semantic": file_sha256(cfg.paths.semantic), "nbits": cfg.nbits, "seed": cfg.seed,
+    return {"semantic": file_sha256(cfg.paths.semantic, "artifact"), "nbits": cfg.nbits,
+            "seed": cfg.seed,
             **{key: p[key] for key in ("center_init", "center_alpha", "center_rho",
                                        "center_rho_growth", "center_rho_max", "center_max_iter",
                                        "center_sweeps")}}
@@ -84,6 +89,9 @@ def center_inputs(cfg):
 def compute_clusters(cfg, videos, inputs):
     """Mean pooling, PCA and k-means; writes the clustering set and its record."""
     p, paths = cfg.preprocess, cfg.paths
+    # the set's size is known before any work: a full disk stops here, not after k-means
+    ensure_space(paths.latent_feats, 4 * (len(videos) * p.latent_dim_pca + 2 * p.nclusters
+                                          * p.latent_dim_pca) + 8 * len(videos) * p.nearest_clusters)
     start = time.perf_counter()
     logger.info(f"mean-pooling {len(videos)} training videos from {videos.path}")
     pooled = videos.mean_pooled(cfg, p.chunk_videos)
@@ -149,10 +157,13 @@ def _needs_computing(cfg, what, record_path, inputs, names):
     return True
 
 
-def ensure_preprocessed(cfg, force=False):
-    """Make sure both artifact sets of `cfg` exist and match it; compute what is missing or
-    stale (everything with `force`). Returns {'clusters': ..., 'centers': ...}, each 'reused',
-    'computed' or 'unrecorded' (used under preprocess.release_artifacts)."""
+@contextlib.contextmanager
+def preprocessed(cfg, force=False):
+    """Make sure both artifact sets of `cfg` exist and match it, computing what is missing or
+    stale (everything with `force`), and keep the artifact directory locked while the context is
+    open, so the caller reads the very files that were checked (another process may replace them
+    for another seed as soon as the lock is released). Yields {'clusters': ..., 'centers': ...},
+    each 'reused', 'computed' or 'unrecorded' (used under preprocess.release_artifacts)."""
     paths = cfg.paths
     videos = train_set(cfg)
     if not os.path.isdir(paths.artifact_dir):
@@ -181,11 +192,15 @@ def ensure_preprocessed(cfg, force=False):
             status["centers"] = "computed"
         else:
             status["centers"] = "reused" if read_record(paths.center_record) else "unrecorded"
-    return status
+        yield status
+
+
+TRAINING_ARTIFACTS = ("nearest", "hash_center")
 
 
 def load_artifacts(cfg, num_videos):
-    """(pseudo_labels (N,), hash_centers (K, B)) for training, checked against the config."""
+    """(pseudo_labels (N,), hash_centers (K, B), {name: sha256} of the two files) for training,
+    checked against the config. Call it inside `preprocessed(cfg)`."""
     p = cfg.preprocess
     nearest = read_matrix(cfg.paths.nearest, "pos", shape=(num_videos, None))
     centers = read_matrix(cfg.paths.hash_center, "matrix", shape=(p.nclusters, cfg.nbits),
@@ -195,4 +210,5 @@ def load_artifacts(cfg, num_videos):
     labels = nearest[:, 0].astype(np.int64)
     if labels.min() < 0 or labels.max() >= p.nclusters:
         raise DataError(f"{cfg.paths.nearest} ['pos']: cluster ids outside 0..{p.nclusters - 1}")
-    return labels, centers
+    digests = {name: file_sha256(cfg.paths[name], "artifact") for name in TRAINING_ARTIFACTS}
+    return labels, centers, digests

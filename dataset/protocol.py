@@ -1,6 +1,6 @@
 """Which videos are trained on, searched and used as queries, per dataset protocol
 (docs/method.md §3). Shapes: N videos, M frames, D feature size, C classes."""
-import os
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from dataset.io import DataError, FeatureFile, check_finite, read_features, read_labels
+from utils.config import PROTOCOL_FILES
+from utils.content_hash import cached_fact
 
 PROTOCOLS = ("train_as_database", "separate", "all_vs_all", "holdout")
-# feature files this process has scanned completely: (path, size, mtime) -> True
-_SCANNED = {}
 
 
 @dataclass
@@ -138,31 +138,64 @@ def validation_sets(cfg, fraction, seed):
     return train.subset("val_database", kept), train.subset("val_queries", held)
 
 
-def _scan(videos, cfg):
-    """Read every value of a set's feature file once per process (NaN/Inf, magnitude)."""
-    stat = os.stat(videos.path)
-    key = (os.path.abspath(videos.path), videos.key, stat.st_size, stat.st_mtime_ns)
-    if key not in _SCANNED:
-        with FeatureFile(videos.path, videos.key, cfg.max_frames, cfg.feature_size) as feats:
+def _scan(path, key, cfg):
+    """Every value of a feature file, read once per file identity (utils.content_hash): raises on
+    NaN/Inf or absurd magnitudes; returns {'duplicates': {row: earlier row}} for the videos whose
+    mean-pooled features repeat an earlier video's exactly."""
+    def compute():
+        first_of, duplicates = {}, {}
+        with FeatureFile(path, key, cfg.max_frames, cfg.feature_size) as feats:
             for idx, block in feats.iter_chunks(cfg.preprocess.chunk_videos):
-                check_finite(block, videos.path, videos.key, offset=int(idx[0]))
-        _SCANNED[key] = True
+                check_finite(block, path, key, offset=int(idx[0]))
+                for row, pooled in zip(idx.tolist(), block.mean(axis=1)):
+                    digest = hashlib.blake2b(pooled.tobytes(), digest_size=16).digest()
+                    first = first_of.setdefault(digest, row)
+                    if first != row:
+                        duplicates[str(row)] = first
+        return {"duplicates": duplicates}
+    return cached_fact(path, f"scan:{key}", compute)
+
+
+def _check_distinct(videos, facts, nclusters):
+    """k-means needs at least K distinct training videos (after mean pooling)."""
+    duplicates = facts["duplicates"]
+    distinct = len({duplicates.get(str(row), row) for row in videos.rows.tolist()})
+    if distinct < nclusters:
+        what = "all are identical" if distinct == 1 else f"only {distinct} are distinct"
+        raise DataError(f"{videos.path} ['{videos.key}']: degenerate features: of the "
+                        f"{len(videos)} training videos {what} after mean pooling (all-zero or "
+                        f"constant features?), fewer than preprocess.nclusters={nclusters}")
+
+
+def input_files(cfg):
+    """{role: path} of every input file the config's protocol reads."""
+    p, data = cfg.paths, cfg.data
+    roles = {"train_feats": p.train_feats}
+    needed = PROTOCOL_FILES[data.protocol]
+    if "val" in (cfg.train.select, cfg.train.monitor) and p.train_labels:
+        needed += ("train_labels",)
+    roles.update({role: p[role] for role in needed})
+    return roles
 
 
 def check_inputs(cfg, baseline_bits=()):
     """Every input of cfg's protocol, before any work: the files, their shapes and labels, every
-    feature value (finite, of sane magnitude), and the config values that depend on the data
-    (clusters, PCA size, validation split, baseline code lengths). Raises DataError."""
+    feature value (finite, of sane magnitude; read once per file version), enough distinct
+    training videos, and the config values that depend on the data (clusters, PCA size,
+    validation split, baseline code lengths). Raises DataError."""
     train = train_set(cfg)
     database, queries = retrieval_sets(cfg)
     if "val" in (cfg.train.select, cfg.train.monitor):
         validation_sets(cfg, cfg.train.val_fraction, cfg.seed)
+    facts = {}
     for videos in (train, database, queries):
-        _scan(videos, cfg)
+        if videos.path not in facts:
+            facts[videos.path] = _scan(videos.path, videos.key, cfg)
     p, n = cfg.preprocess, len(train)
     if p.nclusters > n:
         raise DataError(f"preprocess.nclusters={p.nclusters} is larger than the number of "
                         f"training videos ({n})")
+    _check_distinct(train, facts[train.path], p.nclusters)
     if p.latent_dim_pca > min(n, cfg.feature_size):
         raise DataError(f"preprocess.latent_dim_pca={p.latent_dim_pca} must be at most "
                         f"min(videos, feature size) = min({n}, {cfg.feature_size})")

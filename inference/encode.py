@@ -4,6 +4,12 @@ Shapes (docs/method.md §2): N videos, M frames, D feature size, B code length.
 """
 import torch
 
+from utils.errors import UserError
+
+
+class NonFiniteCodes(UserError):
+    """A model gave NaN/Inf codes (its weights or activations are not finite)."""
+
 
 def autocast(device, enabled):
     """bf16 autocast on CUDA when enabled; a no-op context otherwise (CPU always runs float32)."""
@@ -12,21 +18,22 @@ def autocast(device, enabled):
 
 
 @torch.no_grad()
-def encode(model, source, device, batch_size=512, amp=False):
+def encode(model, source, device, batch_size=512):
     """(N, B) ±1 float codes on `device`.
 
     source: an (N, M, D) tensor on any device and in any float dtype, encoded `batch_size` rows at
     a time, or an iterable of (n, M, D) blocks (numpy arrays or tensors, e.g.
-    `VideoSet.iter_blocks`). Either way each batch goes to `device` as float32 and, with `amp`,
-    runs in bf16 autocast on CUDA.
+    `VideoSet.iter_blocks`). Either way each batch goes to `device` as float32. A code that is
+    not ±1 (NaN from a broken model) raises NonFiniteCodes.
     """
     model.eval()
     blocks = source
     if torch.is_tensor(source):
         blocks = (source[i:i + batch_size] for i in range(0, len(source), batch_size))
-    codes = []
-    with autocast(device, amp):
-        for block in blocks:
-            block = torch.as_tensor(block).to(device).float()
-            codes.append(model.encode(block))
-    return torch.cat(codes).float()
+    codes = torch.cat([model.encode(torch.as_tensor(block).to(device).float())
+                       for block in blocks]).float()
+    bad = int((~torch.isfinite(codes)).any(1).sum())
+    if bad:
+        raise NonFiniteCodes(f"the model gave non-finite codes (NaN) for {bad} of {len(codes)} "
+                             f"videos: its weights or activations are not finite")
+    return codes

@@ -4,9 +4,10 @@ import torch
 
 from dataset.protocol import retrieval_sets, train_set
 from inference.baselines import baseline_codes
+from inference.encode import NonFiniteCodes
 from inference.retrieval import RetrievalSet, score_codes
 from model.s5vh import build_model
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, load_weights
 from utils.fileio import atomic_path
 
 
@@ -40,11 +41,11 @@ def evaluate_baselines(cfg, methods, bits):
 
 
 def load_model(cfg, checkpoint, device, run_id=None):
-    """The S5VH model of `cfg` with the weights of `checkpoint` (made for that model, and by the
-    run `run_id` when given)."""
+    """The S5VH model of `cfg` with the weights of `checkpoint` (made for that model, finite, and
+    by the run `run_id` when given)."""
     state = load_checkpoint(checkpoint, cfg, run_id=run_id)
     model = build_model(cfg, device)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], checkpoint)
     return model
 
 
@@ -57,7 +58,10 @@ def evaluate_checkpoint(cfg, checkpoint, device, run_id=None):
     """
     model = load_model(cfg, checkpoint, device, run_id)
     retrieval = RetrievalSet("test", *retrieval_sets(cfg))
-    db_codes, query_codes = retrieval.codes(model, cfg, device)
+    try:
+        db_codes, query_codes = retrieval.codes(model, cfg, device)
+    except NonFiniteCodes as err:
+        raise NonFiniteCodes(f"{checkpoint}: {err}") from None
     result = score_codes(db_codes, query_codes, retrieval.database.labels,
                          retrieval.queries.labels, cfg, device=device)
     return result, _int8(db_codes), _int8(query_codes)
@@ -76,9 +80,10 @@ def save_codes(path, db_codes, query_codes):
 
 def format_table(rows, topk):
     """Plain-text mAP@R table, one row per (method, nbits)."""
-    header = f"{'method':<13}{'bits':>5}" + "".join(f"{'mAP@' + str(k):>9}" for k in topk)
+    width = max([13] + [len(row["method"]) + 1 for row in rows])
+    header = f"{'method':<{width}}{'bits':>5}" + "".join(f"{'mAP@' + str(k):>9}" for k in topk)
     lines = [header, "-" * len(header)]
     for row in rows:
         values = "".join(f"{row['mAP'][k]:>9.4f}" for k in topk)
-        lines.append(f"{row['method']:<13}{row['nbits']:>5}{values}")
+        lines.append(f"{row['method']:<{width}}{row['nbits']:>5}{values}")
     return "\n".join(lines)

@@ -1,16 +1,21 @@
 """A protocol's database and queries, encoded by a model and scored by Hamming ranking."""
+import math
+
 import numpy as np
 import torch
 
-from inference.encode import encode
+from inference.encode import NonFiniteCodes, encode
 from inference.metrics import retrieval_metrics
 
 
 def score_codes(db_codes, query_codes, db_labels, query_labels, cfg, device=None):
     """{'mAP': {R: v}, 'precision': {R: v}} for the configured cut-offs R (`eval.topk`)."""
-    return retrieval_metrics(query_codes, db_codes, query_labels, db_labels,
-                             topk=tuple(cfg.eval.topk), chunk=cfg.eval.query_chunk,
-                             device=device)
+    result = retrieval_metrics(query_codes, db_codes, query_labels, db_labels,
+                               topk=tuple(cfg.eval.topk), chunk=cfg.eval.query_chunk,
+                               device=device)
+    if not all(math.isfinite(v) for part in result.values() for v in part.values()):
+        raise NonFiniteCodes(f"non-finite retrieval scores {result['mAP']}")
+    return result
 
 
 class RetrievalSet:
@@ -35,7 +40,10 @@ class RetrievalSet:
         return videos.iter_blocks(cfg, cfg.eval.batch_size)
 
     def _encode(self, model, videos, cfg, device):
-        return encode(model, self._source(videos, cfg), device, cfg.eval.batch_size)
+        try:
+            return encode(model, self._source(videos, cfg), device, cfg.eval.batch_size)
+        except NonFiniteCodes as err:
+            raise NonFiniteCodes(f"{videos.path}: {err}") from None
 
     def codes(self, model, cfg, device):
         """(database codes (N, B), query codes (Q, B)); an all-vs-all protocol encodes once."""

@@ -30,16 +30,21 @@ def gather_frames(x, index):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch of whole samples with probability p."""
+    """Stochastic depth: drop the residual branch of whole samples with probability p.
+
+    The randomness is an input, not drawn here: `noise` (b,) uniform in [0, 1) keeps sample i
+    where noise_i >= p. The trainer draws it from the epoch's generator, so a step is a function
+    of its inputs (exact resume, runs that share a GPU, graph replay) and `forward` has no
+    hidden state. No noise (evaluation) means no drop."""
 
     def __init__(self, p=0.0):
         super().__init__()
         self.p = p
 
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
+    def forward(self, x, noise=None):
+        if self.p == 0.0 or noise is None:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        keep = (noise >= self.p).to(x.dtype).view((x.shape[0],) + (1,) * (x.ndim - 1))
         return x * keep / (1.0 - self.p)
 
 
@@ -61,13 +66,13 @@ class BidirectionalLayer(nn.Module):
             self.mixer_backward = None if share_directions else make_mixer(dim)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, h):
-        """h: (b, L, d) -> (b, L, d)."""
+    def forward(self, h, noise=None):
+        """h: (b, L, d), noise: (b,) DropPath noise or None -> (b, L, d)."""
         out = self.mixer_forward(self.norm_forward(h))
         if self.bidirectional:
             backward_mixer = self.mixer_backward or self.mixer_forward
             out = out + backward_mixer(self.norm_backward(h.flip(1))).flip(1)
-        return h + self.drop_path(out)
+        return h + self.drop_path(out, noise)
 
 
 def _layers(dim, depth, model_cfg, make_mixer, drop_path_max):
@@ -89,14 +94,15 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.head = nn.Linear(dim, dim)
 
-    def forward(self, x, visible=None):
-        """x: (b, M, D), visible: (b, v) sorted frame indices or None (all) -> (b, v, d)."""
+    def forward(self, x, visible=None, path_noise=None):
+        """x: (b, M, D), visible: (b, v) sorted frame indices or None (all), path_noise:
+        (depth, b) DropPath noise or None (no drop) -> (b, v, d)."""
         if visible is None:
             h = self.embed(x) + self.pos[:x.shape[1]]
         else:  # embedding is per frame, so embed only the visible frames
             h = self.embed(gather_frames(x, visible)) + self.pos[visible]
-        for layer in self.layers:
-            h = layer(h)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None if path_noise is None else path_noise[i])
         return self.head(self.norm(h))
 
 
@@ -199,17 +205,23 @@ class S5VH(nn.Module):
             return f"mamba ({IMPL_NAMES[self.mixer_impl]})"
         return f"{self.mixer} ({self.mixer_impl})" if self.mixer_impl else self.mixer
 
-    def frame_codes(self, x, visible=None):
-        """x: (b, M, D), visible: (b, v) or None -> frame codes (b, v, B) in {-1, +1}."""
-        return self.hash_layer(self.encoder(x, visible))
+    @property
+    def depth(self):
+        """Encoder layers: the first dimension of `path_noise`."""
+        return len(self.encoder.layers)
 
-    def forward(self, x, visible, masked):
-        """One masked view per row. x: (b, M, D); visible (b, v), masked (b, m) sorted indices.
+    def frame_codes(self, x, visible=None, path_noise=None):
+        """x: (b, M, D), visible: (b, v) or None -> frame codes (b, v, B) in {-1, +1}."""
+        return self.hash_layer(self.encoder(x, visible, path_noise))
+
+    def forward(self, x, visible, masked, path_noise=None):
+        """One masked view per row. x: (b, M, D); visible (b, v), masked (b, m) sorted indices;
+        path_noise (depth, b) uniform noise for the encoder's DropPath (None: no drop).
 
         Returns frame_codes (b, v, B), video_code (b, B) = mean of the visible frame codes
         (real-valued, in [-1, 1]), and reconstruction (b, m, D) of the masked frames.
         """
-        codes = self.frame_codes(x, visible)
+        codes = self.frame_codes(x, visible, path_noise)
         return {"frame_codes": codes, "video_code": codes.mean(1),
                 "reconstruction": self.decoder(codes, visible, masked)}
 

@@ -1,23 +1,34 @@
 """AdamW and the cosine learning-rate schedule of docs/method.md §6."""
+import math
+
 import torch
 
 
-def build_optimizer(cfg, model, criterion, graphs=False, fused=None):
-    """AdamW over every trainable parameter (weight decay on all) and cosine annealing per epoch.
-
-    fused: None picks the fused kernel when every parameter is on CUDA; False runs the plain
-    per-parameter loop (the benchmark's baseline). For CUDA-graph replay (`graphs`) the optimizer
-    is also capturable and its learning rate a device tensor, which the scheduler updates in
-    place between replays.
-    """
+def build_optimizer(cfg, model, criterion, graphs=False):
+    """AdamW over every trainable parameter (weight decay on all): the fused kernel when every
+    parameter is on CUDA. For CUDA-graph replay (`graphs`) it is also capturable and its learning
+    rate a device tensor, which `set_epoch_lr` changes in place between replays."""
     t = cfg.train
     params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
-    if fused is None:
-        fused = all(p.is_cuda for p in params)
+    fused = all(p.is_cuda for p in params)
     lr = torch.tensor(t.lr, device=params[0].device) if graphs else t.lr
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                  fused=fused or None, foreach=None if fused else False,
-                                  capturable=graphs)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.num_epochs,
-                                                           eta_min=t.min_lr)
-    return optimizer, scheduler
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                             fused=fused or None, foreach=None if fused else False,
+                             capturable=graphs)
+
+
+def cosine_lr(cfg, epoch):
+    """Learning rate of epoch `epoch` (0-based): cosine annealing from train.lr to train.min_lr
+    over train.num_epochs, in closed form (the schedule of torch's CosineAnnealingLR, stepped per
+    epoch, without its state)."""
+    t = cfg.train
+    return t.min_lr + (t.lr - t.min_lr) * (1 + math.cos(math.pi * epoch / t.num_epochs)) / 2
+
+
+def set_epoch_lr(optimizer, lr):
+    """Set every group's learning rate (in place where it is a device tensor, for graph replay)."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -1,24 +1,38 @@
 """Run directories: owned by one run, whose files belong together (docs/method.md §10).
 
-A fresh run starts only in a missing or empty directory (or one it is told to replace, which it
-empties first), holds a lock on the directory for its whole life, and saves its resolved config
-as data (`config.json`: the keys, their fingerprint and a run id). Every log line and checkpoint
-carries the run id and fingerprint, so a resume can check that checkpoint, config and log
-belong together.
+A fresh run starts only in a missing or empty directory, or in one that holds a run of this
+project and nothing else (which `--replace` empties; a directory with any other file is never
+touched). It holds a lock on the directory for its whole life and saves its resolved config as
+data (`config.json`: the keys, their fingerprint, a run id, and the sha256 of every input file).
+Every log line and checkpoint carries the run id and fingerprint, so a resume can check that
+checkpoint, config, log and inputs belong together.
 """
 import json
 import os
-import shutil
+import time
 import uuid
 
-from utils.config import config_fingerprint, load_saved_config, save_config
+from dataset.protocol import input_files
+from utils.config import NON_RESULT_KEYS, load_saved_config, save_config
+from utils.content_hash import file_sha256
 from utils.errors import UserError
-from utils.fileio import atomic_write_text, json_text, read_json, writable_dir
+from utils.fileio import (TMP_SUFFIX, atomic_write_text, json_text, read_json, write_error,
+                          writable_dir)
+from utils.log import get_logger
+from utils.schema import StructureError, check_structure
+
+logger = get_logger(__name__)
 
 CONFIG_FILE = "config.json"
-# keys a resume may change: they do not change what is computed, only how it is logged or batched
-SAFE_ON_RESUME = ("train.log_every", "train.checkpoint_every", "eval.batch_size",
-                  "eval.query_chunk")
+# every file a run (or eval.py scoring it) writes into its directory
+RUN_FILES = (CONFIG_FILE, "log.jsonl", "run.log", "last.pth", "best.pth", "results.json",
+             "eval.json", "codes.npz")
+# keys a resume may change: the ones that cannot change the result (utils.config)
+SAFE_ON_RESUME = NON_RESULT_KEYS
+RECORD_SPEC = {"config": dict, "fingerprint": str, "run_id": str}
+LOG_SPEC = {"run_id": str, "epoch": int}
+RESULTS_SPEC = {"run_id": str, "selection": str, "nbits": int, "test_mAP": dict,
+                "runtime": dict}
 
 
 class RunDirError(UserError):
@@ -29,56 +43,114 @@ def new_run_id():
     return uuid.uuid4().hex[:12]
 
 
+def _is_run_file(name):
+    """A file a run writes, or the temporary of one (a write cut off by a kill)."""
+    if name in RUN_FILES:
+        return True
+    return name.endswith(TMP_SUFFIX) and any(name.startswith(f".{n}.") for n in RUN_FILES)
+
+
+def _foreign(run_dir):
+    """Entries of `run_dir` that are not a run's own: other names, folders, links, and a
+    config.json that is not a saved run config."""
+    foreign = []
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if not _is_run_file(name) or os.path.islink(path) or not os.path.isfile(path):
+            foreign.append(name)
+    config = os.path.join(run_dir, CONFIG_FILE)
+    if CONFIG_FILE not in foreign and os.path.isfile(config):
+        try:
+            check_structure(read_json(config, "saved run config"), RECORD_SPEC, config)
+        except UserError:
+            foreign.append(CONFIG_FILE)
+    return foreign
+
+
 def check_fresh(run_dir, replace):
-    """Before any work: a fresh run may use `run_dir` only when it is missing or empty, or when
-    told to replace it; its parent must be writable."""
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not replace:
-        raise RunDirError(f"run directory {run_dir} is not empty; continue that run with "
-                          f"--resume {run_dir}, start it over with --replace, or choose "
-                          f"another --work-dir")
+    """Before any work: a fresh run may use `run_dir` only when it is missing or empty, or, when
+    told to replace it, when it holds a run of this project and nothing else; its parent must be
+    writable."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"run directory {run_dir} exists and is not a directory")
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        if not replace:
+            raise RunDirError(f"run directory {run_dir} is not empty; continue that run with "
+                              f"--resume {run_dir}, start it over with --replace, or choose "
+                              f"another --work-dir")
+        foreign = _foreign(run_dir)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                              else "")
+            raise RunDirError(f"run directory {run_dir} holds files that are not a run of this "
+                              f"project ({shown}); --replace empties only a run's own directory, "
+                              f"so nothing was touched: choose another --work-dir")
     writable_dir(os.path.dirname(os.path.abspath(run_dir)), "work directory", create=False)
 
 
 def empty(run_dir):
-    """Remove everything in `run_dir` (the caller holds its lock)."""
+    """Remove a run's files from `run_dir` (the caller holds its lock and has checked with
+    `check_fresh` that nothing else is there)."""
     for name in os.listdir(run_dir):
-        path = os.path.join(run_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+        if _is_run_file(name):
+            os.remove(os.path.join(run_dir, name))
 
 
-def write_run_config(cfg, run_dir, run_id):
-    save_config(cfg, os.path.join(run_dir, CONFIG_FILE), run_id=run_id)
+def input_digests(cfg):
+    """{role: {'path', 'sha256'}} of every input file of the config's protocol."""
+    return {role: {"path": path, "sha256": file_sha256(path)}
+            for role, path in input_files(cfg).items()}
+
+
+def write_run_config(cfg, run_dir, run_id, inputs):
+    save_config(cfg, os.path.join(run_dir, CONFIG_FILE), run_id=run_id, inputs=inputs)
 
 
 def read_run_config(run_dir, overrides=(), allowed=SAFE_ON_RESUME):
     """(cfg, record) of the run in `run_dir`, read as data. Overrides of keys not in `allowed`
     (None: any key) are refused; the saved keys must still have the fingerprint recorded with
-    them."""
+    them. Keys the record predates take their defaults, and this says so in one line."""
     path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not os.path.isdir(run_dir):
+        raise RunDirError(f"run directory not found: {run_dir}")
+    if not os.path.lexists(path):
         raise RunDirError(f"{run_dir} holds no run ({CONFIG_FILE} is missing)")
     refused = [item.split("=", 1)[0].strip() for item in overrides
                if allowed is not None and item.split("=", 1)[0].strip() not in allowed]
     if refused:
         raise RunDirError(f"--cfg-options {', '.join(refused)} cannot change on resume (it would "
                           f"change what the run computes); only {', '.join(SAFE_ON_RESUME)} can")
-    saved, record = load_saved_config(path)
-    if record.get("fingerprint") != config_fingerprint(saved) or not record.get("run_id"):
-        raise RunDirError(f"{path} was edited after the run wrote it (its fingerprint does not "
-                          f"match its keys)")
-    cfg = load_saved_config(path, overrides)[0] if overrides else saved
+    cfg, record, missing = load_saved_config(path, overrides)
+    check_structure(record, RECORD_SPEC, path)
+    if missing:
+        logger.info(f"{path} was saved before the keys {', '.join(missing)} existed; they take "
+                    f"their defaults, which compute what the run computed then")
     return cfg, record
+
+
+def check_run_inputs(cfg, record):
+    """Every input file the run recorded when it started must still have the same content (its
+    path may have moved with data_root). Runs saved before inputs were recorded are said to be
+    unchecked, in one line."""
+    recorded = record.get("inputs")
+    if recorded is None:
+        logger.info(f"the run {record['run_id']} recorded no input digests (an older version "
+                    f"wrote it); its inputs are not checked")
+        return
+    current = input_files(cfg)
+    for role, want in recorded.items():
+        check_structure(want, {"path": str, "sha256": str}, CONFIG_FILE, f"inputs.{role}")
+        path = current.get(role, want["path"])
+        if file_sha256(path) != want["sha256"]:
+            raise RunDirError(f"{path} is not the file this run started with (its content "
+                              f"changed); a run is bound to its inputs: restore the file, or "
+                              f"train a new run")
 
 
 def read_log(path, run_id):
     """The log records of the run `run_id`. A torn last line (a write cut off by a kill) is
     dropped; any other unreadable line, or a line of another run, is an error."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return []
     with open(path) as f:
         lines = f.read().split("\n")
@@ -92,9 +164,13 @@ def read_log(path, run_id):
             if not any(rest.strip() for rest in lines[number:]):
                 break                      # the last line, torn by a kill
             raise RunDirError(f"{path}: line {number} is not JSON") from None
-        if record.get("run_id") != run_id:
+        try:
+            check_structure(record, LOG_SPEC, f"{path}: line {number}")
+        except StructureError as err:
+            raise RunDirError(str(err)) from None
+        if record["run_id"] != run_id:
             raise RunDirError(f"{path}: line {number} belongs to another run "
-                              f"({record.get('run_id')!r}, this run is {run_id!r})")
+                              f"({record['run_id']!r}, this run is {run_id!r})")
         records.append(record)
     return records
 
@@ -103,14 +179,42 @@ def rewrite_log(path, records):
     atomic_write_text(path, "".join(json_text(r, indent=None) + "\n" for r in records))
 
 
+class RunLog:
+    """A run's `log.jsonl` (one JSON line per epoch) and `run.log` (its messages with a time),
+    kept open for the run's life; a full disk is a UserError naming the file."""
+
+    def __init__(self, run_dir):
+        self.paths = {name: os.path.join(run_dir, name) for name in ("log.jsonl", "run.log")}
+        self.files = {}
+
+    def _write(self, name, text):
+        try:
+            if name not in self.files:
+                self.files[name] = open(self.paths[name], "a")
+            self.files[name].write(text + "\n")
+            self.files[name].flush()
+        except OSError as err:
+            raise write_error(self.paths[name], err) from None
+
+    def record(self, record):
+        self._write("log.jsonl", json_text(record, indent=None))
+
+    def message(self, text):
+        self._write("run.log", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}")
+
+    def close(self):
+        for handle in self.files.values():
+            handle.close()
+        self.files = {}
+
+
 def finished_results(run_dir, record):
     """The results of the finished run of config `record` in `run_dir`, or None while it is
     unfinished."""
     path = os.path.join(run_dir, "results.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
-    results = read_json(path, "results file")
-    if results.get("run_id") != record["run_id"]:
-        raise RunDirError(f"{path} belongs to another run ({results.get('run_id')!r})")
+    results = check_structure(read_json(path, "results file"), RESULTS_SPEC, path)
+    if results["run_id"] != record["run_id"]:
+        raise RunDirError(f"{path} belongs to another run ({results['run_id']!r})")
     return results
-

@@ -1,39 +1,71 @@
-"""A training run in one run directory: set up, resume, fit epoch by epoch, select, report.
+"""Training runs, one or several at once on one device, each in its own run directory
+(docs/method.md §10, §11).
 
-Run directory (docs/method.md §10): config.json (the resolved config as data, its fingerprint and
-the run id), log.jsonl (one line per epoch), run.log (the messages), last.pth (every
-`train.checkpoint_every` epochs and at the end), best.pth (the selected model), results.json (its
-test mAP@R, the selection rule, the artifacts and what ran). `start_run` and `resume_run` own the
-directory for the run's whole life; each step is a function of a `Run`.
+A run is set up (artifacts, resident features, model, optimizer, evaluation sets), fitted epoch
+by epoch (`fit`), then its selected model is tested and reported. `train_runs` trains a list of
+runs together: each keeps its own directory, lock, logs and checkpoints and, on CUDA, its own
+stream; the runs step in turn, one step each per round, so the GPU overlaps their small kernels,
+and runs of one data set share one resident copy of its features. Nothing random is shared
+between runs (optim.engine) and each run's work stays on its stream, so a run trained among
+others computes what it computes alone.
+
+Run directory: config.json (the resolved config as data, its fingerprint, the run id and the
+sha256 of every input), log.jsonl (one line per epoch), run.log (the messages), last.pth (every
+`train.checkpoint_seconds` of wall time, every `train.checkpoint_every` epochs if set, at the
+end and when stopped by a signal; written in the background from a host copy), best.pth (the
+selected model) and results.json (its test mAP@R, the selection rule, the artifacts, what ran).
 """
+import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
-from dataset.preprocessing import ensure_preprocessed, load_artifacts
+from dataset.preprocessing import TRAINING_ARTIFACTS, load_artifacts, preprocessed
 from dataset.protocol import retrieval_sets, train_set, validation_sets
-from dataset.provenance import file_sha256
 from inference.retrieval import RetrievalSet
 from Loss.losses import LabelTable, S5VHLoss
 from model.s5vh import build_model
-from optim.engine import TrainStep, train_one_epoch
-from optim.optimizer import build_optimizer
-from optim.run_dir import (CONFIG_FILE, RunDirError, check_fresh, empty, finished_results,
-                           new_run_id, read_log, read_run_config, rewrite_log, write_run_config)
-from utils.checkpoint import load_checkpoint, model_meta, save_checkpoint
-from utils.config import config_fingerprint, plain_config
+from optim.engine import TrainStep, draw_step_inputs, train_one_epoch, training_loss
+from optim.optimizer import build_optimizer, cosine_lr, set_epoch_lr
+from optim.run_dir import (CONFIG_FILE, RunDirError, RunLog, check_fresh, check_run_inputs,
+                           empty, finished_results, input_digests, new_run_id, read_log,
+                           read_run_config, rewrite_log, write_run_config)
+from utils.checkpoint import (RESUME_SPEC, CheckpointError, CheckpointWriter, host_copy,
+                              load_checkpoint, load_weights, model_meta)
+from utils.config import config_fingerprint, plain_config, same_experiment
 from utils.device import resolve_device
-from utils.fileio import append_line, dir_lock, json_text, remove_stale_temporaries, write_json
+from utils.errors import Interrupted, UserError
+from utils.fileio import dir_lock, json_text, remove_stale_temporaries, write_json
 from utils.log import get_logger, log_to_file
-from utils.seed import rng_state, seed_everything, set_rng_state
+from utils.seed import seed_everything
+from utils.signals import deferred_stop
 
 logger = get_logger(__name__)
 
 SELECT_METRIC = 5          # model selection by mAP@5, as the authors' release
 RESIDENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# GPU memory asked for beyond the measured need of the runs, for fragmentation and the graphs'
+# static inputs
+MEMORY_MARGIN = 1.25
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or Inf."""
+
+
+@dataclass
+class Job:
+    """One run to train: a fresh run of `cfg` in `run_dir` (`replace`: empty a run's directory
+    first), or, with `record` (its saved config.json), the resume of the run saved there."""
+    cfg: object
+    run_dir: str
+    record: Optional[dict] = None
+    replace: bool = False
 
 
 @dataclass
@@ -45,7 +77,6 @@ class Run:
     model: torch.nn.Module
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
     label_table: LabelTable
     step: TrainStep
     test_set: RetrievalSet
@@ -55,8 +86,17 @@ class Run:
     run_id: str
     fingerprint: str               # of the config the run was started with
     artifacts: dict
+    log: RunLog
+    stream: Optional[torch.cuda.Stream] = None
     start_epoch: int = 0
     best: dict = field(default_factory=lambda: {"score": None, "epoch": None})
+    best_weights: Optional[dict] = None          # host copy of the selected model, when seen
+    best_on_disk: Optional[int] = None           # epoch of the model in best.pth
+    pending: list = field(default_factory=list)  # epochs whose losses are still on their way
+    last_save: float = 0.0
+    saved_epoch: Optional[int] = None            # epoch of the last last.pth submitted
+    epochs_done: int = 0
+    prefix: str = ""                             # console prefix when several runs train
 
     def path(self, name):
         return os.path.join(self.run_dir, name)
@@ -69,23 +109,41 @@ class Run:
                 "cuda_graphs": bool(self.step.use_graphs),
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
+    def on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else \
+            contextlib.nullcontext()
 
-def setup_run(cfg, run_dir, run_id, fingerprint):
+    def say(self, text):
+        """A message to the console and to the run's run.log."""
+        logger.info(self.prefix + text)
+        self.log.message(text)
+
+
+def _resident_features(videos, cfg, device, shared):
+    """The (N, M, D) training features on `device`, one copy per file, rows and dtype for all
+    the runs that share `shared`."""
+    t = cfg.train
+    dtype = RESIDENT_DTYPES[t.resident_dtype]
+    key = (os.path.realpath(videos.path), videos.key, videos.rows.tobytes(), dtype, str(device))
+    if key not in shared:
+        shared[key] = videos.load_resident(cfg, device, dtype, cfg.preprocess.chunk_videos)
+    return shared[key]
+
+
+def setup_run(cfg, run_dir, run_id, fingerprint, shared=None):
     """Preprocessing artifacts, resident features, model, optimizer and evaluation sets of a run
-    of `cfg` in `run_dir` (which the caller owns)."""
+    of `cfg` in `run_dir` (which the caller owns). `shared`: resident features of other runs."""
     t = cfg.train
     device = resolve_device(t.device)
     seed_everything(cfg.seed)
-    artifacts = ensure_preprocessed(cfg)
-    artifacts["hash_center_sha256"] = file_sha256(cfg.paths.hash_center)
-    videos = train_set(cfg)
-    features = videos.load_resident(cfg, device, RESIDENT_DTYPES[t.resident_dtype],
-                                    cfg.preprocess.chunk_videos)                # (N, M, D)
-    pseudo_labels, centers = load_artifacts(cfg, len(videos))
+    with preprocessed(cfg) as status:       # read the files while no one can replace them
+        videos = train_set(cfg)
+        pseudo_labels, centers, digests = load_artifacts(cfg, len(videos))
+    features = _resident_features(videos, cfg, device, {} if shared is None else shared)
     model = build_model(cfg, device)
     criterion = S5VHLoss(centers, t).to(device)
     graphs = t.cuda_graphs and device.type == "cuda"
-    optimizer, scheduler = build_optimizer(cfg, model, criterion, graphs)
+    optimizer = build_optimizer(cfg, model, criterion, graphs)
     label_table = LabelTable(pseudo_labels, len(centers), device)
     step = TrainStep(model, criterion, optimizer, features, label_table, t.batch_size, t.amp,
                      graphs)
@@ -93,77 +151,173 @@ def setup_run(cfg, run_dir, run_id, fingerprint):
     if "val" in (t.select, t.monitor):
         sets["val"] = RetrievalSet("val", *validation_sets(cfg, t.val_fraction, cfg.seed), videos,
                                    features)
-    return Run(cfg, run_dir, device, model, criterion, optimizer, scheduler, label_table, step,
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device))   # the set-up's work comes first
+    return Run(cfg, run_dir, device, model, criterion, optimizer, label_table, step,
                sets["test"], sets.get(t.select), sets.get(t.monitor), len(videos), run_id,
-               fingerprint, artifacts)
+               fingerprint, {**status, **digests}, RunLog(run_dir), stream,
+               last_save=time.monotonic())
 
 
 def resume(run, state, records):
-    """Restore the state of checkpoint `state`; log records after its epoch are dropped (those
-    epochs are trained again)."""
-    run.model.load_state_dict(state["model"])
-    run.criterion.load_state_dict(state["criterion"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.label_table.load_state_dict(state["label_table"])
-    set_rng_state(state["rng"])
-    run.start_epoch, run.best = state["epoch"], state["best"]
+    """Restore the state of checkpoint `state` (None: start again from epoch 0); log records
+    after its epoch are dropped (those epochs are trained again)."""
+    if state is not None:
+        trained_with = state.get("artifacts", {})
+        changed = [name for name in TRAINING_ARTIFACTS
+                   if name in trained_with and trained_with[name] != run.artifacts[name]]
+        if changed:
+            raise RunDirError(f"{run.run_dir}: the run was trained with other preprocessing "
+                              f"artifacts than these ({', '.join(changed)} differ), so it "
+                              f"cannot continue; train a new run")
+        path = run.path("last.pth")
+        load_weights(run.model, state["model"], path)
+        load_weights(run.criterion, state["criterion"], path)
+        load_weights(run.optimizer, state["optimizer"], path)
+        try:
+            run.label_table.load_state_dict(state["label_table"])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        run.start_epoch, run.best = state["epoch"], state["best"]
+    run.epochs_done = run.start_epoch
     rewrite_log(run.path("log.jsonl"), [r for r in records if r["epoch"] <= run.start_epoch])
-    logger.info(f"resumed {run.run_dir} after epoch {run.start_epoch}")
+    run.say(f"resumed {run.run_dir} after epoch {run.start_epoch}")
 
 
-def fit_epoch(run, epoch, progress=True):
-    """Train epoch `epoch` (0-based), evaluate it if due, log it, save checkpoints; its record.
+# ---- one epoch's bookkeeping ---------------------------------------------------------------
 
-    The log line is written before last.pth, so a kill between the two leaves a line the resume
-    drops, never a checkpoint without its line."""
+def _losses_to_host(run, means):
+    """Start copying an epoch's (4,) mean losses to the host; (tensor, event or None)."""
+    if run.device.type != "cuda":
+        return means.clone(), None
+    host = torch.empty(4, pin_memory=True)
+    host.copy_(means, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _arrived(run, record, losses, block):
+    """The epoch's four mean losses once they are on the host (None while they are on their way,
+    unless `block`); a non-finite loss stops the run before anything else is done with it."""
+    host, event = losses
+    if event is not None:
+        if not block and not event.query():
+            return None
+        event.synchronize()
+    values = host.tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise NonFiniteLossError(
+            f"{run.run_dir}: non-finite loss in epoch {record['epoch']} (loss/rec/con/ca = "
+            f"{values}); lower train.lr or check the features")
+    return values
+
+
+def _flush(run, block):
+    """Write the log lines of the epochs whose losses have arrived (all of them with `block`),
+    in order."""
     t = run.cfg.train
-    began = time.perf_counter()
-    lr = float(run.optimizer.param_groups[0]["lr"])
-    stats = train_one_epoch(run.step, epoch, run.cfg, progress)
-    run.scheduler.step()
-    done = epoch + 1
-    record = {"run_id": run.run_id, "epoch": done, "lr": lr, **stats,
-              "train_seconds": round(time.perf_counter() - began, 3)}
-    if done % t.eval_every == 0 or done == t.num_epochs:
-        _evaluate(run, done, record)
-    record["seconds"] = round(time.perf_counter() - began, 3)
-    append_line(run.path("log.jsonl"), json_text(record, indent=None))
-    if done % t.checkpoint_every == 0 or done == t.num_epochs:
-        save_checkpoint(run.path("last.pth"), {
-            **_weights(run, done), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "label_table": run.label_table.state_dict(),
-            "rng": rng_state(), "best": run.best})
-    logger.info(_progress_line(record))
-    return record
+    while run.pending:
+        record, losses = run.pending[0]
+        values = _arrived(run, record, losses, block)
+        if values is None:
+            return
+        run.pending.pop(0)
+        record.update(zip(("loss", "rec", "con", "ca"), values))
+        run.log.record(record)
+        done = record["epoch"]
+        if done % t.log_every == 0 or done == t.num_epochs or done == run.start_epoch + 1 or \
+                any(key.endswith("_mAP") for key in record):
+            run.say(_progress_line(record))
 
 
 def _evaluate(run, done, record):
-    """mAP of the selection set (keeping best.pth) and of the monitored set, each once."""
+    """mAP of the selection set (keeping the best model) and of the monitored set, each once."""
     evaluated = {}
     for retrieval in (run.select_set, run.monitor_set):
         if retrieval is not None and retrieval.name not in evaluated:
             evaluated[retrieval.name] = retrieval.evaluate(run.model, run.cfg, run.device)
             record[f"{retrieval.name}_mAP"] = evaluated[retrieval.name]["mAP"]
     if run.select_set is not None:
-        _keep_if_best(run, done, evaluated[run.select_set.name])
+        score = evaluated[run.select_set.name]["mAP"][SELECT_METRIC]
+        if run.best["score"] is None or score > run.best["score"]:
+            run.best = {"score": score, "epoch": done}
+            run.best_weights = host_copy(_weights(run, done))
 
 
-def _keep_if_best(run, done, result):
-    score = result["mAP"][SELECT_METRIC]
-    if run.best["score"] is None or score > run.best["score"]:
-        run.best = {"score": score, "epoch": done}
-        save_checkpoint(run.path("best.pth"), _weights(run, done))
+def _save(run, done, writer):
+    """last.pth (and best.pth when the selected model changed) from host copies, in the
+    background; best.pth is submitted first, so a last.pth on disk always names a best.pth that
+    is on disk too."""
+    if run.cfg.train.select == "last" and done == run.cfg.train.num_epochs:
+        run.best_weights = host_copy(_weights(run, done))
+    if run.best_weights is not None and run.best_weights["epoch"] != run.best_on_disk:
+        writer.submit(run.path("best.pth"), run.best_weights)
+        run.best_on_disk = run.best_weights["epoch"]
+    writer.submit(run.path("last.pth"), host_copy({
+        **_weights(run, done), "optimizer": run.optimizer.state_dict(),
+        "label_table": run.label_table.state_dict(), "best": run.best}))
+    run.last_save, run.saved_epoch = time.monotonic(), done
 
 
-def select_and_test(run):
+def end_epoch(run, epoch, means, began, writer, stop):
+    """After epoch `epoch` (0-based): evaluate when due, log, save when due. The log line of an
+    epoch is written once its losses have reached the host, before its checkpoint."""
+    t, done = run.cfg.train, epoch + 1
+    record = {"run_id": run.run_id, "epoch": done, "lr": cosine_lr(run.cfg, epoch),
+              "train_seconds": round(time.perf_counter() - began, 4)}
+    losses = _losses_to_host(run, means)
+    evaluate = (run.select_set or run.monitor_set) and (done % t.eval_every == 0
+                                                        or done == t.num_epochs)
+    save = (done == t.num_epochs or stop.requested
+            or t.checkpoint_every and done % t.checkpoint_every == 0
+            or time.monotonic() - run.last_save >= t.checkpoint_seconds)
+    if evaluate or save:                    # never evaluate or save after a non-finite loss
+        _flush(run, block=True)
+        _arrived(run, record, losses, block=True)
+    if evaluate:
+        _evaluate(run, done, record)
+    run.pending.append((record, losses))
+    _flush(run, block=save)
+    if save:
+        _save(run, done, writer)
+
+
+def fit(run, writer, stop):
+    """Train the run from its start epoch to its last; a generator that yields after every step.
+    Returns True when the run reached its last epoch, False when `stop` ended it early (after
+    the epoch in progress, with a checkpoint)."""
+    cfg = run.cfg
+    for epoch in range(run.start_epoch, cfg.train.num_epochs):
+        set_epoch_lr(run.optimizer, cosine_lr(cfg, epoch))
+        began = time.perf_counter()
+        means = yield from train_one_epoch(run.step, epoch, cfg)
+        end_epoch(run, epoch, means, began, writer, stop)
+        run.epochs_done = epoch + 1
+        if stop.requested:                  # it may have come after end_epoch decided not to save
+            if run.saved_epoch != epoch + 1:
+                _flush(run, block=True)
+                _save(run, epoch + 1, writer)
+            return False
+    return True
+
+
+def select_and_test(run, writer):
     """Load the selected model (the last epoch for select='last') and score it on the test set."""
     t = run.cfg.train
     if t.select == "last":
         run.best = {"score": None, "epoch": t.num_epochs}
-        save_checkpoint(run.path("best.pth"), _weights(run, t.num_epochs))
     else:
-        run.model.load_state_dict(load_checkpoint(run.path("best.pth"), run.cfg)["model"])
+        selected = run.best_weights
+        if selected is None:                # chosen before a resume: read it back
+            writer.wait()
+            selected = load_checkpoint(run.path("best.pth"), run.cfg, run_id=run.run_id,
+                                       fingerprint=run.fingerprint)
+            if selected["epoch"] != run.best["epoch"]:
+                raise CheckpointError(f"{run.path('best.pth')} holds epoch {selected['epoch']}, "
+                                      f"but last.pth selected epoch {run.best['epoch']}")
+        load_weights(run.model, selected["model"], run.path("best.pth"))
     return run.test_set.evaluate(run.model, run.cfg, run.device)
 
 
@@ -180,106 +334,271 @@ def report(run, result):
     return results
 
 
-def _train(run, progress):
-    runtime = run.runtime()
-    logger.info(f"training {run.num_videos} videos on {run.device}, "
-                f"{runtime['parameters']:,} parameters, "
-                f"{run.cfg.train.num_epochs} epochs, select={run.cfg.train.select}")
-    logger.info(f"mixer {runtime['mixer']}, {runtime['dtype']}, CUDA graphs "
-                f"{'on' if runtime['cuda_graphs'] else 'off'}")
-    for epoch in range(run.start_epoch, run.cfg.train.num_epochs):
-        fit_epoch(run, epoch, progress)
-    return report(run, select_and_test(run))
+def _finish(run, writer):
+    """Select, test and report a run whose last epoch is done; its checkpoints are written
+    before results.json says it is finished."""
+    with run.on_stream():
+        result = select_and_test(run, writer)
+    writer.wait()
+    results = report(run, result)
+    run.say(f"finished: test mAP@{SELECT_METRIC} {result['mAP'][SELECT_METRIC]:.4f} "
+            f"(selection: {run.cfg.train.select}, epoch {run.best['epoch']})")
+    return results
 
 
-def start_run(cfg, run_dir=None, replace=False, progress=True):
-    """A fresh run of `cfg` in `run_dir` (default cfg.paths.run_dir), which must be missing or
-    empty unless `replace` (then it is emptied first). Returns the results dict.
+# ---- several runs at once -------------------------------------------------------------------
 
-    A run that fails before its first epoch removes its run directory again."""
-    run_dir = run_dir or cfg.paths.run_dir
-    # the folders this run creates, outermost first: removed again if it fails before training
-    created = [folder for folder in reversed([run_dir, *_parents(run_dir)])
-               if not os.path.isdir(folder)]
-    check_fresh(run_dir, replace)
-    os.makedirs(run_dir, exist_ok=True)
-    with dir_lock(run_dir, "run directory"):
-        empty(run_dir)
-        run_id, started = new_run_id(), False
-        try:
-            write_run_config(cfg, run_dir, run_id)
-            with log_to_file(os.path.join(run_dir, "run.log")):
-                run = setup_run(cfg, run_dir, run_id, config_fingerprint(cfg))
-                started = True
-                return _train(run, progress)
-        except BaseException:
-            if not started:
-                empty(run_dir)
-                for folder in reversed(created or [run_dir]):
-                    if not os.listdir(folder):
-                        os.rmdir(folder)
-            raise
+def _step_memory(run):
+    """Bytes one training step of `run` needs beyond its parameters (activations, gradients),
+    measured with a forward and backward pass that changes nothing (no optimizer step, no
+    label update), plus the optimizer's two moments."""
+    device = run.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    index = torch.arange(min(run.cfg.train.batch_size, run.num_videos), device=device)
+    inputs = draw_step_inputs(index, run.cfg.max_frames, run.cfg.train.mask_ratio,
+                              run.model.depth, generator)
+    loss, _ = training_loss(run.model, run.criterion, run.step.features[index].float(), inputs,
+                            run.label_table, None, run.step.amp)
+    loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    moments = 2 * sum(p.numel() * p.element_size() for p in run.model.parameters())
+    return peak + moments
+
+
+def check_memory(runs):
+    """Before training: stop with one line when the runs' steps (and their CUDA graphs) will not
+    fit in the GPU memory that is free; one dry step is measured per distinct model and batch."""
+    cuda = [run for run in runs if run.device.type == "cuda"]
+    if not cuda:
+        return
+    device = cuda[0].device
+    measured, need = {}, 0
+    for run in cuda:
+        c = run.cfg
+        key = json_text([plain_config(c)["model"], c.nbits, c.train.batch_size, c.train.amp,
+                         c.feature_size, c.max_frames], indent=None)
+        if key not in measured:
+            measured[key] = _step_memory(run)
+        need += measured[key] * (2 if run.step.use_graphs else 1)   # graph pool + eager steps
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if need * MEMORY_MARGIN > free:
+        per_run = need / len(cuda)
+        fits = max(1, int(free / MEMORY_MARGIN // per_run))
+        raise UserError(f"the {len(cuda)} runs need about {need * MEMORY_MARGIN / 2 ** 30:.1f} GiB "
+                        f"of GPU memory and {free / 2 ** 30:.1f} GiB are free; train at most "
+                        f"{fits} at a time (--concurrent {fits})")
+
+
+def _lockstep(runs, writer, stop, bar):
+    """Step every run in turn, each on its own stream, until each has finished or stopped;
+    returns the results of the finished ones by run directory."""
+    active = {run.run_dir: (run, fit(run, writer, stop)) for run in runs}
+    results = {}
+    while active:
+        for run_dir, (run, steps) in list(active.items()):
+            with run.on_stream():
+                try:
+                    next(steps)
+                    continue
+                except StopIteration as end:
+                    reached_the_end = end.value
+            del active[run_dir]
+            if reached_the_end:
+                results[run_dir] = _finish(run, writer)
+        if bar is not None:
+            bar.update(sum(run.epochs_done for run in runs) - bar.n)
+    return results
+
+
+@dataclass
+class _Opened:
+    """A job whose run directory this process now owns."""
+    job: Job
+    run_id: str
+    fingerprint: str
+    state: Optional[dict] = None            # last.pth of a resumed run
+    records: list = field(default_factory=list)
+    created: list = field(default_factory=list)   # folders a fresh run made (removed on failure)
+    results: Optional[dict] = None          # a resumed run that had already finished
 
 
 def _parents(path):
-    """The parent folders of `path`, innermost first."""
-    parents, current = [], os.path.dirname(os.path.abspath(path))
-    while current != os.path.dirname(current):
-        parents.append(current)
+    """`path` and the folders above it that do not exist yet, outermost first."""
+    missing, current = [], os.path.abspath(path)
+    while not os.path.exists(current):
+        missing.append(current)
         current = os.path.dirname(current)
-    return parents
+    return missing[::-1]
 
 
-def resume_run(cfg, record, run_dir, progress=True):
-    """Continue the run of config `cfg` (saved as `record` in `run_dir`) from last.pth, after
-    checking that checkpoint, config and log belong together. A finished run is not trained
-    again: its results are returned as they are."""
-    with dir_lock(run_dir, "run directory"):
-        results = finished_results(run_dir, record)
-        if results is not None:
-            logger.info(f"{run_dir}: the run is already finished; its results follow")
-            return results
-        last = os.path.join(run_dir, "last.pth")
-        if not os.path.isfile(last):
-            raise RunDirError(f"{run_dir}: nothing to resume (no last.pth: the run stopped before "
-                              f"its first checkpoint); start it over with --replace")
-        state = load_checkpoint(last, cfg, run_id=record["run_id"],
-                                fingerprint=record["fingerprint"])
-        records = read_log(os.path.join(run_dir, "log.jsonl"), record["run_id"])
-        removed = remove_stale_temporaries(run_dir)
-        with log_to_file(os.path.join(run_dir, "run.log")):
-            if removed:
-                logger.info(f"removed leftovers of an interrupted write: {', '.join(removed)}")
-            run = setup_run(cfg, run_dir, record["run_id"], record["fingerprint"])
-            resume(run, state, records)
-            return _train(run, progress)
+def _open(job, stack):
+    """Take ownership of the job's run directory (locked until `stack` closes) and check what it
+    holds, before any work."""
+    cfg, run_dir = job.cfg, job.run_dir
+    if job.record is None:
+        created = _parents(run_dir)
+        check_fresh(run_dir, job.replace)
+        os.makedirs(run_dir, exist_ok=True)
+        stack.enter_context(dir_lock(run_dir, "run directory"))
+        empty(run_dir)
+        run_id = new_run_id()
+        write_run_config(cfg, run_dir, run_id, input_digests(cfg))
+        return _Opened(job, run_id, config_fingerprint(cfg), created=created)
+    record = job.record
+    stack.enter_context(dir_lock(run_dir, "run directory"))
+    opened = _Opened(job, record["run_id"], record["fingerprint"])
+    opened.results = finished_results(run_dir, record)
+    if opened.results is not None:
+        return opened
+    check_run_inputs(cfg, record)
+    last = os.path.join(run_dir, "last.pth")
+    if os.path.lexists(last):
+        opened.state = load_checkpoint(last, cfg, run_id=record["run_id"],
+                                       fingerprint=record["fingerprint"], spec=RESUME_SPEC,
+                                       max_epoch=cfg.train.num_epochs)
+    opened.records = read_log(os.path.join(run_dir, "log.jsonl"), record["run_id"])
+    removed = remove_stale_temporaries(run_dir)
+    if removed:
+        logger.info(f"{run_dir}: removed leftovers of an interrupted write: {', '.join(removed)}")
+    return opened
 
 
-def ensure_run(cfg, run_dir, progress=False):
-    """The results of a run of `cfg` in `run_dir`, for tools that own their run directories: a
-    finished run of the same config is reused, an unfinished one resumed, and anything else in
-    the directory (another config) replaced by a fresh run."""
+def _discard(opened):
+    """Remove what a fresh run wrote when it failed before training."""
+    run_dir = opened.job.run_dir
+    if os.path.isdir(run_dir):
+        empty(run_dir)
+    for folder in reversed(opened.created):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+
+def _set_up(opened, shared, several):
+    job = opened.job
+    with log_to_file(os.path.join(job.run_dir, "run.log")):
+        run = setup_run(job.cfg, job.run_dir, opened.run_id, opened.fingerprint, shared)
+    if several:
+        run.prefix = f"[{os.path.basename(os.path.normpath(job.run_dir))}] "
+    if job.record is not None:
+        resume(run, opened.state, opened.records)
+    return run
+
+
+def _resume_command(runs):
+    return "python train.py --resume " + " ".join(run.run_dir for run in runs)
+
+
+def _train_group(jobs, writer, progress, several):
+    """Open, set up and train `jobs` together; {run_dir: results}."""
+    results = {}
+    with contextlib.ExitStack() as stack:
+        opened = []
+        runs = []
+        try:
+            for job in jobs:
+                opened.append(_open(job, stack))
+            shared = {}
+            for item in opened:
+                if item.results is not None:
+                    logger.info(f"{item.job.run_dir}: the run is already finished; its "
+                                f"results follow")
+                    results[item.job.run_dir] = item.results
+                else:
+                    runs.append(_set_up(item, shared, several))
+            check_memory(runs)
+        except BaseException:
+            for item in opened:
+                if item.job.record is None:
+                    _discard(item)
+            raise
+        for run in runs:
+            runtime = run.runtime()
+            run.say(f"training {run.num_videos} videos on {run.device}, "
+                    f"{runtime['parameters']:,} parameters, epochs {run.start_epoch + 1}.."
+                    f"{run.cfg.train.num_epochs}, select={run.cfg.train.select}; mixer "
+                    f"{runtime['mixer']}, {runtime['dtype']}, CUDA graphs "
+                    f"{'on' if runtime['cuda_graphs'] else 'off'}")
+        total = sum(run.cfg.train.num_epochs for run in runs)
+        bar = tqdm(total=total, initial=sum(run.epochs_done for run in runs), unit="epoch",
+                   desc=f"{len(runs)} run{'s' if len(runs) != 1 else ''}", leave=False,
+                   disable=not progress or not runs, dynamic_ncols=True)
+        try:
+            with deferred_stop() as stop:
+                results.update(_lockstep(runs, writer, stop, bar))
+            writer.wait()
+        finally:
+            bar.close()
+            for run in runs:
+                run.log.close()
+        if stop.requested:
+            stopped = [run for run in runs if run.run_dir not in results]
+            raise Interrupted(stop.signal, f"interrupted by {stop.signal}: each run saved its "
+                                           f"last.pth after its current epoch; continue with: "
+                                           f"{_resume_command(stopped)}")
+    return results
+
+
+def train_runs(jobs, progress=True, concurrent=None):
+    """Train `jobs` (a list of Job), `concurrent` at a time (default: all together); returns
+    their results in the same order. Every run directory is opened and checked before any
+    run is set up."""
+    concurrent = concurrent or len(jobs)
+    results = {}
+    writer = CheckpointWriter()
+    try:
+        for start in range(0, len(jobs), concurrent):
+            group = jobs[start:start + concurrent]
+            results.update(_train_group(group, writer, progress, several=len(jobs) > 1))
+    finally:
+        writer.close()
+    return [results[job.run_dir] for job in jobs]
+
+
+def start_run(cfg, run_dir=None, replace=False, progress=True):
+    """A fresh run of `cfg` in `run_dir` (default cfg.paths.run_dir); its results dict."""
+    return train_runs([Job(cfg, run_dir or cfg.paths.run_dir, replace=replace)], progress)[0]
+
+
+def resume_run(run_dir, overrides=(), progress=True):
+    """Continue the run saved in `run_dir` from its last.pth (from the start when it stopped
+    before its first save); a finished run is not trained again: its results are returned."""
+    cfg, record = read_run_config(run_dir, overrides)
+    return train_runs([Job(cfg, run_dir, record)], progress)[0]
+
+
+def plan_run(cfg, run_dir):
+    """The Job that gives the results of a run of `cfg` in `run_dir`, for tools that own their
+    run directories: a run of the same experiment on the same inputs is reused (resumed, or
+    reported when finished), anything else in the directory replaced by a fresh run."""
     if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
         saved, record = read_run_config(run_dir)
-        if record["fingerprint"] == config_fingerprint(cfg):
-            if finished_results(run_dir, record) is not None or os.path.isfile(
-                    os.path.join(run_dir, "last.pth")):
-                return resume_run(saved, record, run_dir, progress)
-        logger.info(f"{run_dir}: replacing a run of another config, or one stopped before its "
-                    f"first checkpoint")
-    return start_run(cfg, run_dir, replace=True, progress=progress)
+        if same_experiment(saved, cfg):
+            try:
+                check_run_inputs(cfg, record)
+                return Job(saved, run_dir, record)
+            except RunDirError as err:
+                logger.info(f"{run_dir}: training again, {err}")
+        else:
+            logger.info(f"{run_dir}: replacing a run of another config")
+    return Job(cfg, run_dir, replace=True)
 
 
 def _weights(run, epoch):
     return {"model": run.model.state_dict(), "criterion": run.criterion.state_dict(),
             "epoch": epoch, "meta": model_meta(run.cfg), "run_id": run.run_id,
-            "config_fingerprint": run.fingerprint, "config": json_text(plain_config(run.cfg))}
+            "config_fingerprint": run.fingerprint, "artifacts": run.artifacts,
+            "config": json_text(plain_config(run.cfg))}
 
 
 def _progress_line(record):
     text = (f"epoch {record['epoch']}: loss {record['loss']:.4f} (rec {record['rec']:.4f} "
             f"con {record['con']:.4f} ca {record['ca']:.4f}) lr {record['lr']:.2e} "
-            f"{record['train_seconds']:.1f}s")
+            f"{record['train_seconds']:.2f}s")
     for key in ("val_mAP", "test_mAP"):
         if key in record:
             text += f" | {key[:-4]} mAP@5 {record[key][SELECT_METRIC]:.4f}"

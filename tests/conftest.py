@@ -19,6 +19,19 @@ from utils.config import build_config  # noqa: E402
 DEMO_CONFIG = os.path.join(ROOT, "configs", "S5VH", "demo.py")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def hash_cache(tmp_path_factory):
+    """The suite's own digest cache (utils.content_hash), never the user's."""
+    folder = tmp_path_factory.mktemp("hash_cache")
+    old = os.environ.get("S5VH_CACHE_DIR")
+    os.environ["S5VH_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        del os.environ["S5VH_CACHE_DIR"]
+    else:
+        os.environ["S5VH_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -84,8 +84,8 @@ def test_saved_config_is_data_and_reloads_identically(tmp_path):
     save_config(cfg, str(path), run_id="abc")
     record = json.loads(path.read_text())           # plain JSON
     assert record["run_id"] == "abc" and record["fingerprint"] == config_fingerprint(cfg)
-    again, saved = load_saved_config(str(path))
-    assert again.to_dict() == cfg.to_dict() and saved["run_id"] == "abc"
+    again, saved, missing = load_saved_config(str(path))
+    assert again.to_dict() == cfg.to_dict() and saved["run_id"] == "abc" and missing == []
     assert config_text(again) == config_text(cfg)
     assert config_fingerprint(again) == config_fingerprint(cfg)
     assert config_fingerprint(build_config(os.path.join(CONFIGS, "fcv.py"), ["nbits=16"])) != \
@@ -99,7 +99,11 @@ def test_saved_config_with_code_is_not_executed(tmp_path):
     record = json.loads(path.read_text())
     record["config"]["dataset"] = f"__import__('pathlib').Path({str(marker)!r}).touch()"
     path.write_text(json.dumps(record))
-    cfg, _ = load_saved_config(str(path))             # a string, never run
+    with pytest.raises(ConfigError, match="was edited after the run wrote it"):
+        load_saved_config(str(path))
+    record["fingerprint"] = config_fingerprint(record["config"])      # re-stamped by hand
+    path.write_text(json.dumps(record))
+    cfg, _, _ = load_saved_config(str(path))          # a string, never run
     assert not marker.exists() and cfg.dataset.startswith("__import__")
     path.write_text(path.read_text() + "\nimport os\n")
     with pytest.raises(UserError, match="config.json: not a readable saved run config"):
@@ -121,7 +125,7 @@ def test_choices_agree_with_the_implementations():
 
 
 @pytest.mark.parametrize("item, fragment", [
-    ("nbits=0", "'nbits' must be >= 1, got 0"),
+    ("nbits=0", "'nbits' must be >= 1 and <= 4096, got 0"),
     ("nbits=-8", "'nbits' must be >= 1"),
     ("nbits=24", "'nbits' must be a power of two"),
     ("train.mask_ratio=1.0", "'train.mask_ratio' must be > 0 and < 1"),
@@ -144,7 +148,20 @@ def test_choices_agree_with_the_implementations():
     ("train.tau_plus=1.0", "'train.tau_plus' must be >= 0 and < 1"),
     ("preprocess.nclusters=1", "'preprocess.nclusters' must be >= 2"),
     ("preprocess.nearest_clusters=200", "'preprocess.nearest_clusters' must be at most"),
-    ("train.checkpoint_every=0", "'train.checkpoint_every' must be >= 1"),
+    ("train.checkpoint_every=-1", "'train.checkpoint_every' must be >= 0"),
+    ("train.checkpoint_seconds=-1", "'train.checkpoint_seconds' must be >= 0"),
+    ("nbits=8192", "'nbits' must be >= 1 and <= 4096, got 8192"),
+    ("data.train_feats='../secret.h5'", "'data.train_feats' must be a plain file name"),
+    ("data.query_labels='/etc/passwd'", "'data.query_labels' must be a plain file name"),
+    ("preprocess.artifacts.semantic='sub/semantic.h5'",
+     "'preprocess.artifacts.semantic' must be a plain file name"),
+    ("preprocess.artifacts.semantic='..'", "'preprocess.artifacts.semantic' must be a plain"),
+    ("preprocess.artifacts.hash_center='c_{nbits.__class__}.h5'",
+     "'preprocess.artifacts.hash_center' may only use {nbits}"),
+    ("preprocess.artifacts.semantic='s_{seed}.h5'", "may only use {nbits}"),
+    ("preprocess.artifacts.semantic='ucf_train_feats.h5'",
+     "names data/ucf/ucf_train_feats.h5, the input file of 'data.train_feats'"),
+    ("preprocess.artifacts.anchors='semantic.h5'", "name the same file"),
     ("train.betas=(0.9,)", "'train.betas' must be two numbers"),
     ("train.monitor=always", "'train.monitor' must be one of"),
     ("data.query_feats=''", "'data.query_feats' is empty"),
@@ -164,3 +181,67 @@ def test_broken_config_file_is_one_error(tmp_path):
     failing.write_text("nbits = 1 / 0\n")
     with pytest.raises(ConfigError, match="ZeroDivisionError"):
         build_config(str(failing))
+
+
+def test_identity_is_the_result_relevant_keys():
+    """Changing a key of NON_RESULT_KEYS keeps the fingerprint; changing any other key moves it."""
+    from utils.config import NON_RESULT_KEYS, plain_config
+    cfg = build_config(os.path.join(CONFIGS, "ucf.py"))
+    base = config_fingerprint(cfg)
+    plain = plain_config(cfg)
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key, value
+
+    def changed(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return value + 1
+        if isinstance(value, str):
+            return value + "x"
+        return list(value) + [1]
+
+    seen = set()
+    for dotted, value in leaves(plain):
+        edited = json.loads(json.dumps(plain))
+        node = edited
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = changed(value)
+        same = config_fingerprint(edited) == base
+        assert same == (dotted in NON_RESULT_KEYS), dotted
+        seen.add(dotted)
+    assert set(NON_RESULT_KEYS) <= seen                   # every declared key exists
+
+
+def test_a_run_saved_before_a_key_existed_still_loads(tmp_path, caplog):
+    from utils.config import same_experiment
+    cfg = build_config(os.path.join(CONFIGS, "ucf.py"))
+    path = tmp_path / "config.json"
+    save_config(cfg, str(path), run_id="old")
+    record = json.loads(path.read_text())
+    del record["config"]["train"]["checkpoint_seconds"]   # as a run saved before the key
+    del record["config"]["train"]["smoothing_beta"]
+    record["fingerprint"] = config_fingerprint(record["config"])
+    path.write_text(json.dumps(record))
+    again, saved, missing = load_saved_config(str(path))
+    assert missing == ["train.smoothing_beta", "train.checkpoint_seconds"]
+    assert saved["fingerprint"] == record["fingerprint"]
+    assert same_experiment(again, cfg)                     # the defaults: the same experiment
+
+
+def test_command_line_lists_are_checked():
+    from utils.config import check_code_lengths, check_distinct
+    with pytest.raises(ConfigError, match="--bits lists 16 more than once"):
+        check_code_lengths([16, 32, 16])
+    for bad in (0, -8, 5000):
+        with pytest.raises(ConfigError, match=f"--bits must be between 1 and 4096, got {bad}"):
+            check_code_lengths([bad])
+    with pytest.raises(ConfigError, match="--seeds lists 1 more than once"):
+        check_distinct([1, 1], "--seeds")

@@ -44,27 +44,31 @@ def _graph_setup(amp=False, graphs=False, impl="cuda"):
     from optim.engine import TrainStep
     from optim.optimizer import build_optimizer
     torch.manual_seed(0)
-    cfg = small_cfg(f"model.mamba_impl={impl!r}", "model.drop_path=0.0")
+    cfg = small_cfg(f"model.mamba_impl={impl!r}", "model.variant='small'")
     model = build_model(cfg).cuda()
     centers = np.sign(np.random.default_rng(0).normal(size=(4, 16))).astype(np.float32)
     criterion = S5VHLoss(centers, cfg.train).cuda()
-    optimizer, scheduler = build_optimizer(cfg, model, criterion, graphs)
+    optimizer = build_optimizer(cfg, model, criterion, graphs)
     features = torch.rand(40, FRAMES, DIM, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     table = LabelTable(np.arange(40) % 4, 4, "cuda")
-    return model, scheduler, table, TrainStep(model, criterion, optimizer, features, table, 8, amp, graphs)
+    return model, optimizer, table, TrainStep(model, criterion, optimizer, features, table, 8, amp,
+                                              graphs)
 
 
-def _run_steps(step, scheduler, count=10):
-    from optim.engine import make_views
+def _run_steps(step, optimizer, count=10):
+    from optim.engine import draw_step_inputs
+    from optim.optimizer import set_epoch_lr
     gen = torch.Generator("cuda").manual_seed(3)
     losses = []
-    for i in range(count):
-        index = torch.randperm(40, generator=gen, device="cuda")[:8]
-        visible, masked = make_views(8, FRAMES, 0.5, gen, "cuda")
-        loss, _ = step(index, visible, masked, None if i < 5 else 0.01)
-        losses.append(float(loss))
-        if i == 6:
-            scheduler.step()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for i in range(count):
+            index = torch.randperm(40, generator=gen, device="cuda")[:8]
+            inputs = draw_step_inputs(index, FRAMES, 0.5, step.model.depth, gen)
+            loss, _ = step(inputs, None if i < 5 else 0.01)
+            losses.append(float(loss))
+            if i == 6:
+                set_epoch_lr(optimizer, 2e-4)
     return losses
 
 
@@ -72,10 +76,10 @@ def _run_steps(step, scheduler, count=10):
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
 def test_cuda_graph_step_matches_eager_step(impl):
     torch.backends.cuda.matmul.allow_tf32 = False
-    eager_model, eager_sched, eager_table, eager = _graph_setup(graphs=False, impl=impl)
-    graph_model, graph_sched, graph_table, graphed = _graph_setup(graphs=True, impl=impl)
-    a, b = _run_steps(eager, eager_sched), _run_steps(graphed, graph_sched)
-    assert graphed.graphs                                   # both phases were captured
+    eager_model, eager_opt, eager_table, eager = _graph_setup(graphs=False, impl=impl)
+    graph_model, graph_opt, graph_table, graphed = _graph_setup(graphs=True, impl=impl)
+    a, b = _run_steps(eager, eager_opt), _run_steps(graphed, graph_opt)
+    assert len(graphed.graphs) == 2                         # both phases were captured
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(abs(x) for x in a)
     for (name, p), q in zip(eager_model.named_parameters(), graph_model.parameters()):
         assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), name
@@ -85,8 +89,41 @@ def test_cuda_graph_step_matches_eager_step(impl):
 @needs_cuda_mamba
 def test_bf16_steps_are_finite_and_close_to_float32():
     torch.backends.cuda.matmul.allow_tf32 = False
-    _, sched32, _, step32 = _graph_setup(amp=False, impl="triton")
-    _, sched16, _, step16 = _graph_setup(amp=True, impl="triton")
-    a, b = _run_steps(step32, sched32), _run_steps(step16, sched16)
+    _, opt32, _, step32 = _graph_setup(amp=False, impl="triton")
+    _, opt16, _, step16 = _graph_setup(amp=True, impl="triton")
+    a, b = _run_steps(step32, opt32), _run_steps(step16, opt16)
     assert all(torch.isfinite(torch.tensor(b)))
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.05 * max(abs(x) for x in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_trained_together_equal_runs_trained_alone(tmp_path):
+    """Three runs (two code lengths, two seeds) trained at once on one GPU, each on its own
+    stream with CUDA graphs, give bit for bit the weights, label table, log losses and mAP that
+    each gives alone."""
+    import json
+    import os
+
+    from optim.runner import Job, train_runs
+    from tests.test_training import TINY, make_tiny_demo, tiny_run_config
+    from utils.checkpoint import load_checkpoint
+    make_tiny_demo(str(tmp_path))
+    cuda = [item.replace("'cpu'", "'cuda'") for item in TINY]
+    configs = {f"b{bits}_s{seed}": tiny_run_config(tmp_path, *cuda, f"nbits={bits}",
+                                                   f"seed={seed}", "train.num_epochs=6",
+                                                   "train.select='val'", "train.eval_every=2")
+               for bits, seed in ((16, 1), (32, 1), (16, 2))}
+    together = train_runs([Job(cfg, str(tmp_path / "together" / name))
+                           for name, cfg in configs.items()], progress=False)
+    for (name, cfg), shared in zip(configs.items(), together):
+        alone = train_runs([Job(cfg, str(tmp_path / "alone" / name))], progress=False)[0]
+        assert alone["test_mAP"] == shared["test_mAP"], name
+        a = load_checkpoint(str(tmp_path / "alone" / name / "last.pth"))
+        b = load_checkpoint(str(tmp_path / "together" / name / "last.pth"))
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), (name, key)
+        assert torch.equal(a["label_table"]["table"], b["label_table"]["table"]), name
+        losses = [[{k: r[k] for k in ("loss", "rec", "con", "ca")}
+                   for r in map(json.loads, open(os.path.join(root, name, "log.jsonl")))]
+                  for root in (tmp_path / "alone", tmp_path / "together")]
+        assert losses[0] == losses[1], name

@@ -79,8 +79,8 @@ def _broken_config(root):
 
 # (name, how to break the inputs, extra --cfg-options, config file, what the message must say)
 BAD_INPUTS = [
-    ("nbits=0", None, ["nbits=0"], None, "config key 'nbits' must be >= 1, got 0"),
-    ("nbits=-8", None, ["nbits=-8"], None, "config key 'nbits' must be >= 1, got -8"),
+    ("nbits=0", None, ["nbits=0"], None, "config key 'nbits' must be >= 1 and <= 4096, got 0"),
+    ("nbits=-8", None, ["nbits=-8"], None, "config key 'nbits' must be >= 1 and <= 4096, got -8"),
     ("mask_ratio=1.0", None, ["train.mask_ratio=1.0"], None, "'train.mask_ratio' must be > 0"),
     ("mask_ratio=0", None, ["train.mask_ratio=0"], None, "'train.mask_ratio' must be > 0"),
     ("batch_size=0", None, ["train.batch_size=0"], None, "'train.batch_size' must be >= 2"),
@@ -381,3 +381,269 @@ def test_same_inputs_config_and_seed_give_the_same_weights_on_cpu(data):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert torch.equal(a["label_table"]["table"], b["label_table"]["table"])
+
+
+# ---- second pass: silent wrong numbers, lost files, own files of the wrong shape ------------
+
+def _finished(data, capsys, *extra):
+    """A finished tiny run (2 epochs) in data/runs/demo_16bits."""
+    argv = ["--config", DEMO_CONFIG, "--no-progress", *options(data, *extra)]
+    assert run_script(train_script, argv, capsys)[0] == 0
+    return data / "runs" / "demo_16bits"
+
+
+def _snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def _cut(data, name="cut", epochs=3, after=1):
+    """A run of `epochs` epochs that died after epoch `after` (saved every epoch)."""
+    from tests.test_training import interrupted_run, tiny_run_config
+    cfg = tiny_run_config(data, f"train.num_epochs={epochs}")
+    interrupted_run(cfg, str(data / name), after)
+    return data / name
+
+
+def _rewrite_record(path, change):
+    """Edit a saved config.json and stamp the fingerprint again, as a determined user could."""
+    from utils.config import config_fingerprint
+    record = json.loads(path.read_text())
+    change(record)
+    record["fingerprint"] = config_fingerprint(record["config"])
+    path.write_text(json.dumps(record))
+
+
+def test_a_run_is_bound_to_the_inputs_it_started_with(data, capsys):
+    cut = _cut(data)
+    before = _snapshot(cut)
+    _rewrite(data / "demo" / "demo_train_feats.h5", lambda x: x.__setitem__((30, 1, 2), 0.25))
+    code, err = run_script(train_script, ["--resume", str(cut)], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "demo_train_feats.h5 is not the file this run started with" in err
+    assert _snapshot(cut) == before                       # not touched, not retrained
+    # eval.py --run of a finished run whose query labels changed
+    run_dir = _finished(data, capsys)
+    labels = data / "demo" / "demo_test_labels.mat"
+    from dataset.io import read_labels, write_labels
+    changed = read_labels(str(labels))[::-1]
+    write_labels(str(labels), changed)
+    code, err = run_script(eval_script, ["--run", str(run_dir)], capsys)
+    assert code == 2 and "demo_test_labels.mat is not the file this run started with" in err
+    assert not (run_dir / "eval.json").exists()
+
+
+def test_an_unchanged_input_is_hashed_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    from utils import content_hash
+    reads = []
+    real = content_hash.sha256_of
+    monkeypatch.setattr(content_hash, "sha256_of", lambda path: reads.append(path) or real(path))
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 1000)
+    first = content_hash.file_sha256(str(path))
+    assert content_hash.file_sha256(str(path)) == first and len(reads) == 1
+    path.write_bytes(b"b" * 1000)                          # same size, new content
+    os.utime(path, ns=(1, 1))                              # an identity nothing else has
+    assert content_hash.file_sha256(str(path)) != first and len(reads) == 2
+
+
+def test_non_finite_weights_are_never_scored_or_resumed(data, capsys):
+    run_dir = _finished(data, capsys)
+    best = run_dir / "best.pth"
+    payload = torch.load(best, weights_only=True)
+    key = next(iter(payload["model"]))
+    payload["model"][key][0, 0] = float("nan")
+    torch.save(payload, best)
+    code, err = run_script(eval_script, ["--run", str(run_dir)], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{best}: 1 non-finite values (NaN/Inf) in its weights, first in '{key}'" in err
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "codes.npz").exists()
+    cut = _cut(data)
+    last = torch.load(cut / "last.pth", weights_only=True)
+    last["model"][key].fill_(float("inf"))
+    torch.save(last, cut / "last.pth")
+    code, err = run_script(train_script, ["--resume", str(cut)], capsys)
+    assert code == 2 and "non-finite values (NaN/Inf) in its weights" in err
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "config.json", "sub/"])
+def test_replace_empties_only_a_run_of_this_project(data, capsys, foreign):
+    run_dir = data / "runs" / "demo_16bits"
+    run_dir.mkdir(parents=True)
+    if foreign.endswith("/"):
+        (run_dir / foreign).mkdir()
+    else:
+        (run_dir / foreign).write_text('{"mine": 1}')
+    before = listing(data)
+    code, err = run_script(train_script, ["--config", DEMO_CONFIG, "--no-progress",
+                                          *options(data), "--replace"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"holds files that are not a run of this project ({foreign.rstrip('/')})" in err
+    assert listing(data) == before
+    # a finished run with one foreign file beside it is not emptied either
+    shutil.rmtree(run_dir)
+    finished = _finished(data, capsys)
+    (finished / "my_plot.png").write_bytes(b"png")
+    code, err = run_script(train_script, ["--config", DEMO_CONFIG, "--no-progress",
+                                          *options(data), "--replace"], capsys)
+    assert code == 2 and "(my_plot.png)" in err and (finished / "my_plot.png").exists()
+
+
+def test_saved_config_values_cannot_name_files_elsewhere(data, capsys):
+    cut = _cut(data)
+    victim = data / "victim.h5"
+    victim.write_bytes(b"precious")
+    _rewrite_record(cut / "config.json", lambda r: r["config"]["preprocess"]["artifacts"]
+                    .__setitem__("semantic", "../victim.h5"))
+    for script, argv in ((train_script, ["--resume", str(cut)]),
+                         (eval_script, ["--run", str(cut)])):
+        code, err = run_script(script, argv, capsys)
+        assert code == 2 and "'preprocess.artifacts.semantic' must be a plain file name" in err
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_run_saved_before_a_key_existed_evaluates_and_resumes(data, capsys, caplog):
+    def predate(record):
+        del record["config"]["train"]["checkpoint_seconds"]
+        del record["inputs"]                              # older runs recorded none
+
+    run_dir = _finished(data, capsys)
+    _rewrite_record(run_dir / "config.json", predate)
+    with caplog.at_level("INFO", logger="s5vh"):
+        rows = eval_script.main(["--run", str(run_dir)])
+    assert rows[0]["mAP"][5] == pytest.approx(
+        json.loads((run_dir / "results.json").read_text())["test_mAP"]["5"])
+    assert "was saved before the keys train.checkpoint_seconds existed" in caplog.text
+    cut = _cut(data)
+    _rewrite_record(cut / "config.json", predate)
+    assert train_script.main(["--resume", str(cut), "--no-progress"])
+    assert [json.loads(line)["epoch"] for line in open(cut / "log.jsonl")] == [1, 2, 3]
+
+
+def test_tools_reuse_a_run_when_only_non_result_keys_change(data):
+    from optim.runner import plan_run
+    from tests.test_training import tiny_run_config
+    cut = _cut(data)
+    job = plan_run(tiny_run_config(data, "train.num_epochs=3", "train.log_every=7",
+                                   "eval.query_chunk=3"), str(cut))
+    assert job.record is not None and not job.replace          # resumed, not replaced
+    job = plan_run(tiny_run_config(data, "train.num_epochs=3", "train.lr=1e-3"), str(cut))
+    assert job.record is None and job.replace
+
+
+def test_a_full_disk_while_preprocessing_is_one_line(data, capsys, tmp_path_factory):
+    small = tmp_path_factory.mktemp("small_artifacts")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        code, err = run_script(preprocess_script, ["--config", DEMO_CONFIG, "--cfg-options",
+                                                   f"data_root={str(data)!r}", *TINY,
+                                                   f"preprocess.artifact_dir={str(small)!r}"],
+                               capsys)
+        left = os.listdir(small)
+    finally:
+        subprocess.run(["umount", str(small)])
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+    assert left == []
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (eval_script, ["--method", "lsh", "--bits", "0"], "--bits must be between 1 and 4096, got 0"),
+    (eval_script, ["--method", "lsh", "--bits", "-8"], "--bits must be between 1 and 4096, got -8"),
+    (eval_script, ["--method", "itq", "--bits", "16", "16"], "--bits lists 16 more than once"),
+    (train_script, ["--bits", "16", "16"], "--bits lists 16 more than once"),
+    (train_script, ["--seeds", "1", "2", "1"], "--seeds lists 1 more than once"),
+    (train_script, ["--bits", "100000"], "config key 'nbits' must be >= 1 and <= 4096"),
+])
+def test_command_line_lists_are_checked_before_any_work(data, capsys, script, argv, message):
+    before = listing(data)
+    code, err = run_script(script, ["--config", DEMO_CONFIG, *argv, *options(data)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert listing(data) == before
+
+
+def _damage(path, change):
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("record not an object", lambda run, demo: (demo / "preprocess_record.json").write_text("[]"),
+     "preprocess_record.json: its contents must be an object, got list"),
+    ("record field", lambda run, demo: (demo / "preprocess_record.json").write_text(
+        '{"complete": "yes", "inputs": {}, "files": {}}'),
+     "preprocess_record.json: 'complete' must be bool, got str"),
+    ("results.json", lambda run, demo: (run / "results.json").write_text('{"run_id": 3}'),
+     "results.json: 'run_id' must be str, got int"),
+    ("log line", lambda run, demo: (run / "log.jsonl").write_text(
+        (run / "log.jsonl").read_text().replace('"epoch": 1,', '"epoch": "1",', 1)),
+     "log.jsonl: line 1: 'epoch' must be int, got str"),
+    ("checkpoint part missing", lambda run, demo: _damage(run / "last.pth",
+                                                          lambda p: p.pop("optimizer")),
+     "last.pth: 'optimizer' is missing"),
+    ("checkpoint part of the wrong type", lambda run, demo: _damage(
+        run / "last.pth", lambda p: p.__setitem__("label_table", {"table": [1, 2]})),
+     "last.pth: 'label_table.table' must be Tensor, got list"),
+    ("checkpoint epoch beyond the schedule", lambda run, demo: _damage(
+        run / "last.pth", lambda p: p.__setitem__("epoch", 99)),
+     "last.pth: epoch 99 lies outside this run's schedule of 3 epochs"),
+    ("checkpoint of another model size", lambda run, demo: _damage(
+        run / "last.pth", lambda p: p["model"].__setitem__(
+            "encoder.embed.weight", torch.zeros(32, 16))),
+     "last.pth: its weights do not fit the model (Error(s) in loading state_dict"),
+])
+def test_own_files_of_the_wrong_shape_are_one_line(data, capsys, name, damage, message):
+    cut = _cut(data)
+    if "results" in name:
+        (cut / "results.json").write_text("{}")
+    damage(cut, data / "demo")
+    code, err = run_script(train_script, ["--resume", str(cut)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+KILL_WITH_SIGNAL_AFTER_EPOCH_2 = """
+import optim.runner as target
+original = target.end_epoch
+def patched(run, epoch, *args):
+    original(run, epoch, *args)
+    if epoch == 1:
+        os.kill(os.getpid(), signal.{signal})
+target.end_epoch = patched
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_and_gives_the_resume_command(data, signal_name):
+    argv = ["--config", DEMO_CONFIG, "--no-progress", *options(
+        data, "train.num_epochs=4", "train.checkpoint_seconds=1000")]
+    train_script.main(argv)
+    shutil.move(str(data / "runs" / "demo_16bits"), str(data / "full"))
+    child = _killed(KILL_WITH_SIGNAL_AFTER_EPOCH_2.replace("{signal}", signal_name),
+                    ["train.py", *argv])
+    run_dir = data / "runs" / "demo_16bits"
+    assert child.returncode == 2, child.stderr
+    assert child.stderr.count("\n") == 1 and child.stderr.startswith(f"error: interrupted by "
+                                                                     f"{signal_name}")
+    assert f"continue with: python train.py --resume {run_dir}" in child.stderr
+    assert load_checkpoint(str(run_dir / "last.pth"))["epoch"] == 2
+    train_script.main(["--resume", str(run_dir), "--no-progress"])
+    a, b = (load_checkpoint(str(d / "last.pth")) for d in (data / "full", run_dir))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_eval_clears_the_leftovers_of_a_killed_eval(data, capsys):
+    run_dir = _finished(data, capsys)
+    for name in (".eval.json.x1y2.tmp", ".codes.npz.ab12.tmp"):
+        (run_dir / name).write_bytes(b"half")
+    assert run_script(eval_script, ["--run", str(run_dir)], capsys)[0] == 0
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+    assert (run_dir / "eval.json").exists()
+
+
+def test_an_error_message_is_one_short_line(data, capsys):
+    huge = "x" * 5_000_000
+    code, err = run_script(train_script, ["--config", DEMO_CONFIG, "--cfg-options",
+                                          f"train.select={huge!r}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and len(err) < 700

@@ -1,3 +1,6 @@
+import os
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ from dataset.io import (DataError, FeatureFile, read_features, read_labels, read
                         write_features, write_labels, write_matrix)
 from dataset.protocol import holdout_split, retrieval_sets, train_set
 from tests.conftest import tiny_config
+from utils.errors import UserError
 
 
 def _feats(path, shape=(6, 4, 3), dtype=np.float32, key="feats"):
@@ -43,8 +47,36 @@ def test_row_subsets_in_any_order_and_chunks(tmp_path):
 def test_bad_feature_files(tmp_path, make, kwargs, message):
     path = tmp_path / "f.h5"
     make(path)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UserError, match=message):
         read_features(str(path), **kwargs)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a directory, not a regular file"),
+    (lambda p: os.mkfifo(p), "is a FIFO (named pipe), not a regular file"),
+    (lambda p: os.symlink(p, p), "is a symbolic link loop"),
+    (lambda p: os.symlink(p.parent / "gone.h5", p), "is a symbolic link to a missing file"),
+])
+def test_what_stands_where_a_file_should_be_is_named(tmp_path, make, message):
+    path = tmp_path / "f.h5"
+    make(path)
+    for read in (lambda: read_features(str(path)), lambda: read_labels(str(path)),
+                 lambda: read_matrix(str(path), "matrix")):
+        with pytest.raises(UserError, match=re.escape(f"{path} {message}")):
+            read()                         # a FIFO is never opened: this would block
+
+
+def test_labels_must_be_zero_or_one(tmp_path):
+    labels = np.eye(3)[[0, 1, 2, 1]]
+    labels[2, 1] = 2
+    write_labels(str(tmp_path / "l.mat"), labels)
+    with pytest.raises(DataError, match=r"labels must be 0 or 1 .* 1 entries are not, the first 2 "
+                                        r"at row 2, column 1"):
+        read_labels(str(tmp_path / "l.mat"))
+    labels[2, 1] = np.nan
+    write_labels(str(tmp_path / "l.mat"), labels)
+    with pytest.raises(DataError, match="the first nan at row 2"):
+        read_labels(str(tmp_path / "l.mat"))
 
 
 def test_nan_and_inf_are_counted(tmp_path):

@@ -192,13 +192,53 @@ def test_decoder_order_changes_the_input_sequence():
 
 
 def test_state_dict_round_trip_between_configurations():
+    """Weights move between configurations that differ only in how they compute (the decoder's
+    token order): every tensor arrives, the encoder's codes agree, and the decoder (which the
+    order changes) then gives its own reconstruction, the same as a model built that way."""
     torch.manual_seed(0)
-    source = build_model(small_cfg("model.mamba_impl='plain'")).eval()
+    source = build_model(small_cfg()).eval()
     target = build_model(small_cfg("model.decoder_order='time'"))
     target.load_state_dict(source.state_dict(), strict=True)
     target.eval()
+    for name, value in source.state_dict().items():
+        assert torch.equal(value, target.state_dict()[name]), name
     x = torch.rand(3, FRAMES, DIM)
+    vis, msk = views(3)
     assert torch.equal(source.encode(x), target.encode(x))
+    a, b = source(x, vis, msk), target(x, vis, msk)
+    assert torch.equal(a["video_code"], b["video_code"])
+    assert not torch.allclose(a["reconstruction"], b["reconstruction"])
+    back = build_model(small_cfg())
+    back.load_state_dict(target.state_dict(), strict=True)
+    assert torch.equal(back.eval()(x, vis, msk)["reconstruction"], a["reconstruction"])
+
+
+def test_drop_path_noise_is_an_input():
+    torch.manual_seed(0)
+    model = build_model(small_cfg("model.variant='small'", "model.drop_path=0.5")).train()
+    x = torch.rand(4, FRAMES, DIM)
+    vis, msk = views(4)
+    no_noise = model(x, vis, msk)                      # no noise: no drop, as in evaluation
+    assert torch.equal(no_noise["video_code"], model.eval()(x, vis, msk)["video_code"])
+    model.train()
+    noise = torch.rand(model.depth, 4, generator=torch.Generator().manual_seed(1))
+    first, again = model(x, vis, msk, noise), model(x, vis, msk, noise)
+    assert torch.equal(first["reconstruction"], again["reconstruction"])   # no hidden randomness
+    # a row whose branches are all dropped is its embedding through the identity paths only
+    rates = [layer.drop_path.p for layer in model.encoder.layers]
+    drop_row0 = noise.clone()
+    drop_row0[:, 0] = -1.0
+    dropped = model.encoder(x[:1], vis[:1], drop_row0[:, :1])
+    h = model.encoder.embed(x[:1, vis[0]]) + model.encoder.pos[vis[0]]
+    for layer, rate in zip(model.encoder.layers, rates):
+        if rate == 0:
+            h = layer(h)
+    assert torch.allclose(dropped, model.encoder.head(model.encoder.norm(h)), atol=1e-6)
+
+
+def test_binarize_keeps_nan_visible():
+    codes = binarize(torch.tensor([0.0, -0.0, 2.0, -3.0, float("nan")]))
+    assert codes[:4].tolist() == [1.0, 1.0, 1.0, -1.0] and torch.isnan(codes[4])
 
 
 def test_position_table():

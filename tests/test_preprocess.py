@@ -1,21 +1,38 @@
+import hashlib
+import math
 import os
 
 import numpy as np
 import pytest
 
 import preprocess as preprocess_script
-from dataset.io import DataError, read_matrix, write_features, write_labels
-from utils.errors import UserError
-from dataset.preprocessing import ensure_preprocessed, load_artifacts
 from dataset.hash_centers import (center_quality, hamming_matrix, initial_centers, min_distance,
-                                optimize_centers, refine_center)
+                                  optimize_centers, refine_center)
+from dataset.io import DataError, read_matrix, write_features, write_labels
+from dataset.preprocessing import load_artifacts, preprocessed
 from tests.conftest import tiny_config
+from utils.errors import UserError
+
+
+def ensure_preprocessed(cfg, force=False):
+    with preprocessed(cfg, force) as status:
+        return status
 
 
 @pytest.mark.parametrize("nclusters, expected", [(100, (4, 10, 24)), (101, (4, 10, 24)),
                                                  (450, (4, 9, 22))])
 def test_min_distance_table(nclusters, expected):
     assert tuple(min_distance(b, nclusters) for b in (16, 32, 64)) == expected
+
+
+def test_min_distance_of_long_codes_is_exact():
+    """2^B overflows a float beyond B = 1023; the bound is computed in integers."""
+    # K = 2: the balls must cover half the cube, which takes radius B/2 + 1 (the middle layer
+    # is split between the two)
+    assert min_distance(4096, 2) == 2049 and min_distance(16, 2) == 9
+    d = min_distance(2048, 100)
+    covered = [sum(math.comb(2048, j) for j in range(r)) for r in (d - 1, d)]
+    assert covered[0] * 100 < 2 ** 2048 <= covered[1] * 100
 
 
 def test_hadamard_initialisation():
@@ -102,8 +119,10 @@ def test_preprocess_artifacts_are_consistent(tmp_path):
     # hash center k is optimised from semantic center k, the cluster of pseudo-label k
     expected, _ = optimize_centers(semantic.astype(np.float64), 16, seed=cfg.seed)
     assert np.array_equal(centers, expected)
-    labels, loaded = load_artifacts(cfg, 120)
+    labels, loaded, digests = load_artifacts(cfg, 120)
     assert np.array_equal(labels, nearest[:, 0]) and np.array_equal(loaded, centers)
+    assert digests == {name: hashlib.sha256(open(p[name], "rb").read()).hexdigest()
+                       for name in ("nearest", "hash_center")}
     assert os.path.isfile(p.center_report)
     assert ensure_preprocessed(cfg) == {"clusters": "reused", "centers": "reused"}
     # another code length only needs new centers, from the same semantic centers
@@ -193,6 +212,34 @@ def test_replaced_features_of_the_same_size_are_noticed(tmp_path, caplog):
     assert not np.allclose(read_matrix(cfg.paths.latent_feats, "feats"), before)
 
 
+def test_a_change_to_any_one_video_is_noticed(tmp_path, caplog):
+    """The record holds the sha256 of every byte of the features, not of a sample of videos."""
+    feats = _clustered_data(tmp_path)
+    _preprocessed(tmp_path)
+    for row in (1, 57, 118):
+        changed = feats.copy()
+        changed[row, 3, 5] += 0.5
+        write_features(str(tmp_path / "demo" / "demo_train_feats.h5"), changed.astype(np.float16))
+        caplog.clear()
+        assert _preprocessed(tmp_path)[1]["clusters"] == "computed", row
+        assert "train_features changed" in caplog.text
+        feats = changed
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda f: f * 0, "all are identical after mean pooling"),
+    (lambda f: np.full_like(f, 0.5), "all are identical after mean pooling"),
+    (lambda f: f[np.arange(len(f)) % 4], "only 4 are distinct after mean pooling"),
+])
+def test_degenerate_features_stop_with_one_line(tmp_path, make, message):
+    feats = _clustered_data(tmp_path)
+    write_features(str(tmp_path / "demo" / "demo_train_feats.h5"), make(feats).astype(np.float16))
+    with pytest.raises(DataError, match=f"demo_train_feats.h5 \\['feats'\\]: degenerate features: "
+                                        f"of the 120 training videos {message}"):
+        preprocess_script.main(["--config", cfg_path(), "--cfg-options", *cfg_items(tmp_path)])
+    assert sorted(os.listdir(tmp_path / "demo")) == INPUT_FILES
+
+
 def test_a_mixed_set_never_passes(tmp_path, caplog):
     _clustered_data(tmp_path)
     cfg, _ = _preprocessed(tmp_path)
@@ -219,11 +266,16 @@ def test_files_without_a_record_need_the_release_switch(tmp_path, caplog):
 
 def test_preprocessing_is_deterministic(tmp_path):
     _clustered_data(tmp_path)
+
+    def inputs():
+        return {name: (tmp_path / "demo" / name).read_bytes() for name in INPUT_FILES}
+
+    before = inputs()
     first, _ = _preprocessed(tmp_path, f"preprocess.artifact_dir={str(tmp_path / 'a')!r}")
     second, _ = _preprocessed(tmp_path, f"preprocess.artifact_dir={str(tmp_path / 'b')!r}")
     for name, key in (("latent_feats", "feats"), ("anchors", "feats"), ("nearest", "pos"),
                       ("semantic", "matrix"), ("hash_center", "matrix")):
         a, b = read_matrix(first.paths[name], key), read_matrix(second.paths[name], key)
         assert a.tobytes() == b.tobytes(), name
-    assert os.listdir(tmp_path / "demo") == os.listdir(tmp_path / "demo")   # inputs untouched
-    assert sorted(os.listdir(tmp_path / "demo")) == INPUT_FILES
+    assert sorted(os.listdir(tmp_path / "demo")) == INPUT_FILES    # artifacts went elsewhere
+    assert inputs() == before                                          # inputs untouched

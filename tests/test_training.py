@@ -1,7 +1,8 @@
 import json
-from pathlib import Path
 import math
 import os
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,10 +14,9 @@ import train as train_script
 from dataset.io import write_features, write_labels
 from Loss.losses import (CenterLogits, LabelTable, S5VHLoss, debiased_contrastive_loss,
                          reconstruction_loss, soft_cross_entropy)
-from optim.engine import NonFiniteLossError, make_views
-from optim.run_dir import new_run_id, read_run_config, write_run_config
-from optim.runner import fit_epoch, resume_run, setup_run, start_run
-from utils.config import config_fingerprint
+from optim import runner
+from optim.engine import make_views
+from optim.runner import NonFiniteLossError, resume_run, start_run
 from tests.conftest import DEMO_CONFIG, tiny_config
 from utils.checkpoint import load_checkpoint
 
@@ -131,26 +131,33 @@ def make_tiny_demo(root, n_train=48, n_test=16, frames=8, dim=16, classes=4, see
 
 TINY = ["nbits=16", "max_frames=8", "feature_size=16", "preprocess.latent_dim_pca=8",
         "preprocess.nclusters=4", "model.hidden_size=16", "model.decoder_hidden_size=16",
-        "train.batch_size=16", "train.warm_up_epoch=1", "eval.query_chunk=7", "train.device='cpu'"]
+        "train.batch_size=16", "train.warm_up_epoch=1", "eval.query_chunk=7", "train.device='cpu'",
+        "train.checkpoint_seconds=0"]
 
 
 def tiny_run_config(tmp_path, *extra):
     return tiny_config(tmp_path, *TINY, *extra)
 
 
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing of the run's own handles it."""
+
+
 def interrupted_run(cfg, run_dir, epochs):
-    """A run stopped after `epochs` epochs, as a killed process leaves it."""
-    os.makedirs(run_dir)
-    run_id = new_run_id()
-    write_run_config(cfg, run_dir, run_id)
-    run = setup_run(cfg, run_dir, run_id, config_fingerprint(cfg))
-    for epoch in range(epochs):
-        fit_epoch(run, epoch, progress=False)
+    """A run that dies after `epochs` epochs, its files as its checkpoint schedule left them."""
+    original = runner.end_epoch
+
+    def end_epoch(run, epoch, *args):
+        original(run, epoch, *args)
+        if epoch + 1 == epochs:
+            raise Killed()
+
+    with mock.patch.object(runner, "end_epoch", end_epoch), pytest.raises(Killed):
+        start_run(cfg, run_dir, progress=False)
 
 
 def resume(run_dir, *overrides):
-    cfg, record = read_run_config(run_dir, overrides)
-    return resume_run(cfg, record, run_dir, progress=False)
+    return resume_run(run_dir, overrides, progress=False)
 
 
 def test_resume_gives_the_same_weights(tmp_path):
@@ -169,7 +176,7 @@ def test_resume_gives_the_same_weights(tmp_path):
     same = ("test_mAP", "test_precision", "selected_epoch", "selection_score_mAP@5",
             "config_fingerprint")
     assert {k: full[k] for k in same} == {k: resumed[k] for k in same}
-    assert full["artifacts"]["hash_center_sha256"] == resumed["artifacts"]["hash_center_sha256"]
+    assert full["artifacts"]["hash_center"] == resumed["artifacts"]["hash_center"]
     lines = [json.loads(l) for l in open(tmp_path / "cut" / "log.jsonl")]
     assert [l["epoch"] for l in lines] == [1, 2, 3, 4]
     # the label table moved away from one-hot after warm-up, and is in the checkpoint
@@ -180,7 +187,8 @@ def test_resume_from_an_older_checkpoint_retrains_the_lost_epochs(tmp_path, capl
     """With checkpoints every 3 epochs, a run cut after epoch 4 resumes from epoch 3: epoch 4 is
     trained again (its log line replaced) and the result equals the uninterrupted run."""
     make_tiny_demo(str(tmp_path))
-    cfg = tiny_run_config(tmp_path, "train.num_epochs=5", "train.checkpoint_every=3")
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=5", "train.checkpoint_every=3",
+                          "train.checkpoint_seconds=1000")
     full = start_run(cfg, str(tmp_path / "full"), progress=False)
     interrupted_run(cfg, str(tmp_path / "cut"), 4)
     assert load_checkpoint(str(tmp_path / "cut" / "last.pth"))["epoch"] == 3
@@ -215,14 +223,15 @@ def test_train_and_eval_scripts_two_epochs(tmp_path, caplog):
     assert "mixer mamba (plain-PyTorch selective scan), float32" in (run_dir / "run.log").read_text()
     assert [r["method"] for r in rows] == ["itq", "s5vh (last)"]
     log = [json.loads(l) for l in open(run_dir / "log.jsonl")]
-    assert len(log) == 2 and all(k in log[0] for k in ("loss", "rec", "con", "ca", "lr", "seconds"))
+    assert len(log) == 2 and all(k in log[0] for k in ("loss", "rec", "con", "ca", "lr",
+                                                        "train_seconds"))
     evaluated = eval_script.main(["--run", str(run_dir)])
     assert evaluated[0]["mAP"][5] == pytest.approx(results["test_mAP"]["5"], abs=1e-9)
     codes = np.load(run_dir / "codes.npz")
     assert codes["database"].shape == (48, 16) and set(np.unique(codes["queries"])) <= {-1, 1}
     checkpoint = load_checkpoint(str(run_dir / "last.pth"))
-    assert {"model", "optimizer", "scheduler", "epoch", "rng", "label_table", "best",
-            "config", "meta", "run_id", "config_fingerprint"} <= set(checkpoint)
+    assert {"model", "optimizer", "epoch", "label_table", "best", "artifacts", "config", "meta",
+            "run_id", "config_fingerprint"} <= set(checkpoint)
     assert checkpoint["run_id"] == results["run_id"] == log[0]["run_id"]
     assert results["artifacts"]["clusters"] == "computed"
 

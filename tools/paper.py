@@ -16,7 +16,6 @@ the selection rule. Runs of variants that change preprocessing write their hash 
 their own file names, so each regenerates only what it changes.
 """
 import argparse
-import json
 import os
 import statistics
 
@@ -27,10 +26,10 @@ from dataset.protocol import check_inputs
 from inference.baselines import baseline_codes
 from inference.evaluate import evaluate_baselines, evaluate_checkpoint, mean_pooled_sets
 from inference.metrics import precision_recall_by_radius, retrieval_metrics
-from optim.run_dir import read_log
-from optim.runner import ensure_run
+from optim.run_dir import read_log, read_run_config
+from optim.runner import plan_run, train_runs
 from utils.cli import run_cli
-from utils.config import build_config
+from utils.config import build_config, check_code_lengths, check_distinct
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.fileio import atomic_path, atomic_write_text, write_json
@@ -84,12 +83,13 @@ TSNE_CLASSES = 10
 class Experiment:
     """Configs, runs and outputs of one experiment on one data set."""
 
-    def __init__(self, name, config, options, out):
+    def __init__(self, name, config, options, out, concurrent=None, progress=True):
         self.name, self.config, self.options = name, config, list(options)
         base = self.cfg()
         self.dataset, self.select = base.dataset, base.train.select
         self.out = out or os.path.join("work_dirs", "paper", self.dataset)
         self.device = resolve_device(base.train.device)
+        self.concurrent, self.progress = concurrent, progress
 
     def cfg(self, *overrides, config=None):
         return build_config(config or self.config, [*self.options, *overrides])
@@ -98,11 +98,14 @@ class Experiment:
         ensure_demo_data(cfg)
         check_inputs(cfg, baseline_bits)
 
-    def run(self, name, cfg):
-        """Results of the run `name` (reused when finished with the same config)."""
-        run_dir = os.path.join(self.out, "runs", name)
-        logger.info(f"== {self.name}: {name} -> {run_dir}")
-        return ensure_run(cfg, run_dir)
+    def train(self, runs, concurrent=None):
+        """Results of the runs {name: cfg}, trained together (`concurrent` at a time, default
+        the experiment's); a finished run of the same config on the same inputs is reused."""
+        for name in runs:
+            logger.info(f"== {self.name}: {name} -> {self.run_dir(name)}")
+        jobs = [plan_run(cfg, self.run_dir(name)) for name, cfg in runs.items()]
+        results = train_runs(jobs, self.progress, concurrent or self.concurrent)
+        return dict(zip(runs, results))
 
     def run_dir(self, name):
         return os.path.join(self.out, "runs", name)
@@ -153,12 +156,13 @@ def run_main(exp, bits, seeds):
     topk = tuple(exp.cfg().eval.topk)
     for nbits in bits:
         exp.check(exp.cfg(f"nbits={nbits}"), baseline_bits=bits)
+    results = exp.train({s5vh_run_name(nbits, seed): exp.cfg(f"nbits={nbits}", f"seed={seed}")
+                         for nbits in bits for seed in seeds})
     scores = {}                        # (method, nbits) -> [per-seed {R: mAP}]
     for nbits in bits:
         for seed in seeds:
-            cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
             scores.setdefault(("s5vh", nbits), []).append(
-                _maps(exp.run(s5vh_run_name(nbits, seed), cfg)))
+                _maps(results[s5vh_run_name(nbits, seed)]))
     for seed in seeds:
         for row in evaluate_baselines(exp.cfg(f"seed={seed}"), ["itq", "lsh"], bits):
             scores.setdefault((row["method"], row["nbits"]), []).append(row["mAP"])
@@ -187,17 +191,17 @@ def run_main(exp, bits, seeds):
     return rows
 
 
-def _variant_table(exp, variants, nbits, seeds, extra=None):
+def _variant_table(exp, variants, nbits, seeds, extra=None, concurrent=None):
     """Train every variant on every seed; rows with per-seed and mean mAP@R."""
     topk = tuple(exp.cfg().eval.topk)
     exp.check(exp.cfg(f"nbits={nbits}"))
+    trained = exp.train({f"{name}_{nbits}bits_seed{seed}":
+                         exp.cfg(f"nbits={nbits}", f"seed={seed}", *overrides)
+                         for name, _, overrides in variants for seed in seeds}, concurrent)
     rows = []
     for name, description, overrides in variants:
-        per_seed, results = [], []
-        for seed in seeds:
-            cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", *overrides)
-            results.append(exp.run(f"{name}_{nbits}bits_seed{seed}", cfg))
-            per_seed.append(_maps(results[-1]))
+        results = [trained[f"{name}_{nbits}bits_seed{seed}"] for seed in seeds]
+        per_seed = [_maps(r) for r in results]
         row = {"variant": name, "description": description, "overrides": overrides,
                "per_seed": per_seed,
                "mean": {k: statistics.mean(s[k] for s in per_seed) for k in topk}}
@@ -223,8 +227,7 @@ def run_ablation(exp, nbits, seeds):
 
 def _epoch_seconds(run_dir):
     """Mean training seconds per epoch, the first (compilation, graph capture) left out."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        run_id = json.load(f)["run_id"]
+    run_id = read_run_config(run_dir)[1]["run_id"]
     times = [r["train_seconds"] for r in read_log(os.path.join(run_dir, "log.jsonl"), run_id)]
     return statistics.mean(times[1:] if len(times) > 1 else times)
 
@@ -239,7 +242,8 @@ def run_backbones(exp, nbits, seeds):
                 "parameters": results[0]["runtime"]["parameters"],
                 "implementation": results[0]["runtime"]["mixer"]}
 
-    rows, topk = _variant_table(exp, variants, nbits, seeds, extra)
+    # one at a time: the seconds per epoch must not include other runs' share of the GPU
+    rows, topk = _variant_table(exp, variants, nbits, seeds, extra, concurrent=1)
     table = [[r["variant"], r["implementation"], f"{r['parameters']:,}",
               f"{r['seconds_per_epoch']:.3f}"] + [f"{r['mean'][k]:.4f}" for k in topk]
              for r in rows]
@@ -264,8 +268,9 @@ def run_transfer(exp, source, target, nbits, seed):
     for cfg in (source_cfg, target_cfg):
         exp.check(cfg)
     a, b = source_cfg.dataset, target_cfg.dataset
-    exp.run(f"train_{a}_{nbits}bits_seed{seed}", source_cfg)
-    on_target = exp.run(f"train_{b}_{nbits}bits_seed{seed}", target_cfg)
+    on_target = exp.train({f"train_{a}_{nbits}bits_seed{seed}": source_cfg,
+                           f"train_{b}_{nbits}bits_seed{seed}": target_cfg}
+                          )[f"train_{b}_{nbits}bits_seed{seed}"]
     # the source's model on the target's data and protocol
     cross_cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", f"model={dict(source_cfg.model)!r}",
                         config=target)
@@ -297,15 +302,18 @@ def run_convergence(exp, nbits, seeds, eval_every):
     import matplotlib.pyplot as plt
     exp.check(exp.cfg(f"nbits={nbits}"))
     monitor = ["train.monitor='test'", f"train.eval_every={eval_every}"]
+    variants = (("with_ca", "with L_CA", []),
+                ("without_ca", "without L_CA", ["train.a_cluster=0.0"]))
+    trained = exp.train({f"convergence_{name}_{nbits}bits_seed{seed}":
+                         exp.cfg(f"nbits={nbits}", f"seed={seed}", *monitor, *overrides)
+                         for name, _, overrides in variants for seed in seeds})
     curves = {}
-    for name, label, overrides in (("with_ca", "with L_CA", []),
-                                   ("without_ca", "without L_CA", ["train.a_cluster=0.0"])):
+    for name, label, overrides in variants:
         per_seed = []
         for seed in seeds:
-            cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", *monitor, *overrides)
             run_name = f"convergence_{name}_{nbits}bits_seed{seed}"
-            results = exp.run(run_name, cfg)
-            records = read_log(os.path.join(exp.run_dir(run_name), "log.jsonl"), results["run_id"])
+            records = read_log(os.path.join(exp.run_dir(run_name), "log.jsonl"),
+                               trained[run_name]["run_id"])
             per_seed.append({r["epoch"]: {int(k): v for k, v in r["test_mAP"].items()}
                              for r in records if "test_mAP" in r})
         epochs = sorted(per_seed[0])
@@ -337,7 +345,7 @@ def _codes(exp, nbits, seed):
     """Query/database codes and labels of S5VH (the main run), ITQ and LSH on the test protocol."""
     cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
     exp.check(cfg, baseline_bits=(nbits,))
-    exp.run(s5vh_run_name(nbits, seed), cfg)
+    exp.train({s5vh_run_name(nbits, seed): cfg})
     checkpoint = os.path.join(exp.run_dir(s5vh_run_name(nbits, seed)), "best.pth")
     _, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint, exp.device)
     train, (db_feats, db_labels), (query_feats, query_labels) = mean_pooled_sets(cfg)
@@ -416,41 +424,108 @@ def run_tsne(exp, nbits, seed):
     return points
 
 
+# experiment -> (one-line summary, what it trains and writes)
+EXPERIMENTS = {
+    "main": ("main table: S5VH beside ITQ and LSH, mean ± std over seeds",
+             "Trains one S5VH run per code length and seed (default 16 32 64 bits x seeds 1 2 3: "
+             "9 runs, trained together), fits ITQ and LSH per seed, and writes main.json and "
+             "main.md: test mAP@R (mean ± std) beside the published numbers."),
+    "ablation": ("ablation of the losses, centers and scan directions",
+                 f"Trains {len(ABLATIONS)} variants (" + ", ".join(n for n, _, _ in ABLATIONS)
+                 + ") per seed at one code length (default: the config's nbits, seed 1: "
+                 f"{len(ABLATIONS)} runs, trained together) and writes ablation.json and "
+                 "ablation.md: mAP@R and the change against 'full'."),
+    "backbones": ("backbone comparison: mAP, seconds per epoch, parameters",
+                  f"Trains the S5VH layer with each mixer ({', '.join(BACKBONES)}) per seed at "
+                  f"one code length ({len(BACKBONES)} runs with seed 1, trained one at a time so "
+                  "that the seconds per epoch are each run's own) and writes backbones.json and "
+                  "backbones.md."),
+    "transfer": ("a model trained on one data set, evaluated on another",
+                 "Trains one run on --source and one on --target (same frame features), scores "
+                 "the source's model on the target's protocol, and writes transfer.json, "
+                 "transfer.md and the codes (codes_<source>_to_<target>_<B>bits.npz)."),
+    "convergence": ("Figure 1(b): test mAP@5/20/100 against epoch, with and without L_CA",
+                    "Trains two runs per seed (with and without the center-alignment loss), "
+                    "monitoring test mAP every --eval-every epochs without selecting by it, and "
+                    "writes convergence.json, convergence.md and convergence.png."),
+    "curves": ("Figures 3 and 4: mAP@N and precision-recall by Hamming radius",
+               "Uses the main table's run of the code length and seed (trained if missing: 1 "
+               "run), fits ITQ and LSH, and writes curves.json, curves.md and curves.png."),
+    "tsne": ("Figure 5: t-SNE of the query codes, S5VH beside ITQ",
+             "Uses the main table's run of the code length and seed (trained if missing: 1 run) "
+             f"and writes tsne.json, tsne.md and tsne.png (queries of the first {TSNE_CLASSES} "
+             "classes)."),
+}
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=["main", "ablation", "backbones", "transfer",
-                                               "convergence", "curves", "tsne"])
-    parser.add_argument("--config", help="config of the data set (all but transfer)")
-    parser.add_argument("--source", help="transfer: config trained on")
-    parser.add_argument("--target", help="transfer: config evaluated on")
-    parser.add_argument("--bits", type=int, nargs="+", default=None,
-                        help="code lengths (main: 16 32 64; the others: the first of these, "
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.paper", description=__doc__.split("\n\n", 1)[0],
+        epilog="experiments:\n" + "\n".join(f"  {name:<12} {summary}"
+                                             for name, (summary, _) in EXPERIMENTS.items())
+        + "\n\n" + __doc__.split("\n\n", 1)[1].strip()
+        + "\n\npython -m tools.paper EXPERIMENT --help describes one experiment.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--bits", type=int, nargs="+", default=None,
+                        help="code lengths (main: default 16 32 64; the others use the first, "
                              "default the config's nbits)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="seeds (main: 1 2 3; the others: 1)")
-    parser.add_argument("--eval-every", type=int, default=10, help="convergence: epochs between "
-                                                                    "evaluations")
-    parser.add_argument("--top-n", type=int, nargs=3, default=[5, 100, 5],
-                        metavar=("FIRST", "LAST", "STEP"), help="curves: N of mAP@N")
-    parser.add_argument("--out", default=None, help="output folder (default "
-                                                    "work_dirs/paper/<dataset>)")
-    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    common.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds (main: default 1 2 3; curves, tsne, transfer use the first; "
+                             "the others: default 1)")
+    common.add_argument("--out", default=None,
+                        help="output folder for the tables, figures and runs/ (default "
+                             "work_dirs/paper/<dataset>)")
+    common.add_argument("--concurrent", type=int, default=None, metavar="K",
+                        help="train at most K runs at a time (default: all together)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys of every run, e.g. train.num_epochs=100")
+    sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for name, (summary, details) in EXPERIMENTS.items():
+        one = sub.add_parser(name, parents=[common], help=summary, description=f"{summary}.\n\n"
+                             + details + " Finished runs of the same config and inputs under "
+                             "--out/runs/ are reused, never trained again.",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             prog=f"python -m tools.paper {name}")
+        if name == "transfer":
+            one.add_argument("--source", required=True, help="config of the data set trained on")
+            one.add_argument("--target", required=True,
+                             help="config of the data set evaluated on")
+        else:
+            one.add_argument("--config", required=True,
+                             help="config of the data set, e.g. configs/S5VH/ucf.py")
+        if name == "convergence":
+            one.add_argument("--eval-every", type=int, default=10,
+                             help="epochs between the monitored evaluations (default 10)")
+        if name == "curves":
+            one.add_argument("--top-n", type=int, nargs=3, default=[5, 100, 5],
+                             metavar=("FIRST", "LAST", "STEP"),
+                             help="the N of mAP@N (default 5 100 5)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     transfer = args.experiment == "transfer"
-    if transfer != bool(args.source and args.target) or transfer == bool(args.config):
-        raise UserError("transfer needs --source and --target; the other experiments --config")
-    if args.eval_every < 1 or args.top_n[0] < 1 or args.top_n[1] < args.top_n[0] or \
-            args.top_n[2] < 1:
-        raise UserError("--eval-every must be >= 1 and --top-n FIRST LAST STEP increasing, >= 1")
+    if getattr(args, "eval_every", 1) < 1:
+        raise UserError(f"--eval-every must be at least 1, got {args.eval_every}")
+    first, last, step = getattr(args, "top_n", (1, 1, 1))
+    if first < 1 or last < first or step < 1:
+        raise UserError("--top-n FIRST LAST STEP must be increasing and at least 1, got "
+                        f"{first} {last} {step}")
+    if args.concurrent is not None and args.concurrent < 1:
+        raise UserError(f"--concurrent must be at least 1, got {args.concurrent}")
+    for option, values in (("--bits", args.bits), ("--seeds", args.seeds)):
+        if values is not None:
+            check_distinct(values, option)
     exp = Experiment(args.experiment, args.target if transfer else args.config,
-                     args.cfg_options, args.out)
+                     args.cfg_options, args.out, args.concurrent, not args.no_progress)
     main_run = args.experiment == "main"
     bits = args.bits or ([16, 32, 64] if main_run else [exp.cfg().nbits])
     seeds = args.seeds or ([1, 2, 3] if main_run else [1])
+    if args.bits:
+        check_code_lengths(bits)
     if args.experiment == "main":
         return run_main(exp, bits, seeds)
     if args.experiment == "ablation":
@@ -462,7 +537,6 @@ def main(argv=None):
     if args.experiment == "convergence":
         return run_convergence(exp, bits[0], seeds, args.eval_every)
     if args.experiment == "curves":
-        first, last, step = args.top_n
         return run_curves(exp, bits[0], seeds[0], range(first, last + 1, step))
     return run_tsne(exp, bits[0], seeds[0])
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import statistics
 
-from optim.runner import ensure_run
+from optim.runner import plan_run, train_runs
 from utils.config import build_config
 from utils.fileio import write_json
 
@@ -34,17 +34,15 @@ def parse_args(argv=None):
 
 def run_study(config, seeds, variants, options, work_dir, log=print):
     """{variant: {seed: {K: test mAP@K}}} for variants [(name, [KEY=VALUE, ...]), ...]."""
-    results = {}
-    for name, overrides in variants:
-        results[name] = {}
-        for seed in seeds:
-            cfg = build_config(config, [*options, *overrides, f"seed={seed}"])
-            run_dir = os.path.join(work_dir, f"{name}_seed{seed}")
-            log(f"== {name}, seed {seed} -> {run_dir}")
-            outcome = ensure_run(cfg, run_dir)
-            results[name][seed] = {k: float(outcome["test_mAP"][k]) for k in REPORTED_K}
-            log("   test mAP@5/20/100 " + " / ".join(f"{v:.4f}"
-                                                     for v in results[name][seed].values()))
+    keys = [(name, seed) for name, _ in variants for seed in seeds]
+    jobs = [plan_run(build_config(config, [*options, *overrides, f"seed={seed}"]),
+                     os.path.join(work_dir, f"{name}_seed{seed}"))
+            for name, overrides in variants for seed in seeds]
+    results = {name: {} for name, _ in variants}
+    for (name, seed), outcome in zip(keys, train_runs(jobs, progress=False)):
+        results[name][seed] = {k: float(outcome["test_mAP"][k]) for k in REPORTED_K}
+        log(f"{name}, seed {seed}: test mAP@5/20/100 "
+            + " / ".join(f"{v:.4f}" for v in results[name][seed].values()))
     return results
 
 

@@ -1,14 +1,34 @@
-"""Entry-point wrapper: logging set up once; user errors end with one line on stderr, exit 2."""
+"""Entry-point wrapper: logging set up once; user errors and signals end with one line on stderr,
+exit code 2."""
 import sys
 
-from utils.errors import UserError
+from utils.errors import Interrupted, UserError
 from utils.log import setup_logging
+from utils.signals import handlers, raise_interrupted
+
+# An error message is one line of at most this many characters, whatever it quotes.
+MAX_MESSAGE = 600
+
+
+def one_line(text, limit=MAX_MESSAGE):
+    """`text` on one line, its middle cut out when longer than `limit` characters."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} […] {text[-keep:]}"
 
 
 def run_cli(main):
+    """Run `main()`: a UserError, SIGINT or SIGTERM ends it with one line and exit code 2.
+
+    Both signals raise `Interrupted` in the main thread; code that can stop cleanly (the training
+    loop finishes its epoch, saves and says how to resume) defers it, everything else unwinds
+    through its `finally` blocks, so temporaries are removed and nothing half-written is left."""
     setup_logging()
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    with handlers(raise_interrupted):
+        try:
+            main()
+        except (UserError, Interrupted) as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            sys.exit(2)

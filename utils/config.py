@@ -17,11 +17,12 @@ import math
 import os
 import pprint
 import runpy
+import string
 
 import addict
 
 from utils.errors import UserError
-from utils.fileio import read_json, write_json
+from utils.fileio import check_file, read_json, write_json
 
 BASE_KEY = "_base_"
 # Keys computed from the others by `derive_paths`; never set by a config file.
@@ -68,9 +69,17 @@ def _plain(value):
     return value
 
 
+def _short(value, limit=80):
+    """repr of a value for a message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _read_file(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+    try:
+        check_file(path, "config")
+    except UserError as err:
+        raise ConfigError(str(err)) from None
     try:
         namespace = runpy.run_path(path)
     except Exception as err:  # any error in a user's Python file is a config error
@@ -108,7 +117,7 @@ def _merge(base, child, where, prefix=""):
         if not _compatible(base[key], value):
             raise ConfigError(f"config key '{dotted}' in {where} must be "
                               f"{type(base[key]).__name__} (base value {base[key]!r}), "
-                              f"got {type(value).__name__} {value!r}")
+                              f"got {type(value).__name__} {_short(value)}")
         if isinstance(base[key], tuple) and isinstance(value, list):
             value = tuple(value)           # a list read back from JSON where the base has a tuple
         merged[key] = _plain(value)
@@ -138,7 +147,7 @@ def parse_overrides(items):
     nested = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--cfg-options expects key=value, got '{item}'")
+            raise ConfigError(f"--cfg-options expects key=value, got {_short(item)}")
         key, text = item.split("=", 1)
         try:
             value = ast.literal_eval(text)
@@ -183,6 +192,7 @@ def derive_paths(cfg):
 def _resolve(raw):
     check_config(raw)
     raw[DERIVED_KEY] = derive_paths(raw)
+    _check_no_overwrite(raw[DERIVED_KEY], raw["preprocess"]["artifacts"])
     cfg = ConfigDict(raw)
     cfg.freeze()
     return cfg
@@ -202,9 +212,31 @@ def plain_config(cfg):
     return plain
 
 
+# Keys that cannot change what a run computes: where it writes, how often it logs and saves, and
+# how evaluation is batched. Everything else is the run's identity: its fingerprint, what a
+# resume must keep, and what `tools.paper` matches to reuse a finished run.
+NON_RESULT_KEYS = ("work_dir", "train.log_every", "train.checkpoint_every",
+                   "train.checkpoint_seconds", "eval.batch_size", "eval.query_chunk",
+                   "preprocess.chunk_videos")
+
+
+def result_keys(plain):
+    """The result-relevant part of a plain config dict (NON_RESULT_KEYS left out)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in plain.items()}
+    for dotted in NON_RESULT_KEYS:
+        node, *rest = dotted.split(".")
+        if rest and isinstance(out.get(node), dict):
+            out[node].pop(rest[0], None)
+        elif not rest:
+            out.pop(node, None)
+    return out
+
+
 def config_fingerprint(cfg):
-    """sha256 of the config's keys (derived paths left out: they follow from the keys)."""
-    text = json.dumps(plain_config(cfg), sort_keys=True, separators=(",", ":"))
+    """sha256 of a config's result-relevant keys (a resolved config or the plain dict a run saved;
+    derived paths left out: they follow from the keys)."""
+    plain = cfg if isinstance(cfg, dict) and not isinstance(cfg, ConfigDict) else plain_config(cfg)
+    text = json.dumps(result_keys(plain), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -226,15 +258,59 @@ def save_config(cfg, path, **extra):
                       **extra})
 
 
+def _missing_keys(base, saved, prefix=""):
+    """Dotted keys of `base` that `saved` lacks."""
+    missing = []
+    for key, value in base.items():
+        if key not in saved:
+            missing.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            missing += _missing_keys(value, saved[key], f"{prefix}{key}.")
+    return missing
+
+
 def load_saved_config(path, overrides=None):
-    """(config, the saved record) from a file `save_config` wrote, parsed as data (nothing is
-    executed) and checked like a config file against the base config's keys and types."""
+    """(config, the saved record, keys the record predates) from a file `save_config` wrote,
+    parsed as data (nothing is executed).
+
+    The record's fingerprint must be that of its keys as saved (so an edited file is refused);
+    they are then checked like a config file against today's base config. Keys added to the base
+    after the run was saved take their defaults, which reproduce the behaviour from before they
+    existed; they are returned so the caller can say so."""
     record = read_json(path, "saved run config")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise ConfigError(f"{path}: not a saved run config (no 'config' object)")
-    raw = _merge(load_file(BASE_CONFIG), record["config"], path)
+    if record.get("fingerprint") != config_fingerprint(record["config"]):
+        raise ConfigError(f"{path} was edited after the run wrote it (its fingerprint does not "
+                          f"match its keys)")
+    base = load_file(BASE_CONFIG)
+    raw = _merge(base, record["config"], path)
     raw = _merge(raw, parse_overrides(overrides), "--cfg-options")
-    return _resolve(raw), record
+    return _resolve(raw), record, _missing_keys(base, record["config"])
+
+
+def check_distinct(values, option):
+    """A command-line list without repeats (each item would run twice, or overwrite itself)."""
+    seen, repeated = set(), []
+    for value in values:
+        if value in seen and value not in repeated:
+            repeated.append(value)
+        seen.add(value)
+    if repeated:
+        raise ConfigError(f"{option} lists {', '.join(map(str, repeated))} more than once")
+
+
+def check_code_lengths(bits, option="--bits"):
+    """Code lengths given on a command line: distinct, each in 1..MAX_BITS."""
+    check_distinct(bits, option)
+    for nbits in bits:
+        if not 1 <= nbits <= MAX_BITS:
+            raise ConfigError(f"{option} must be between 1 and {MAX_BITS}, got {nbits}")
+
+
+def same_experiment(a, b):
+    """True when two resolved configs compute the same thing (equal result-relevant keys)."""
+    return config_fingerprint(a) == config_fingerprint(b)
 
 
 # ---- one validation pass over every key ----------------------------------------------------
@@ -255,9 +331,12 @@ CHOICES = {
     "train.monitor": ("none", "val", "test"),
 }
 
+# Longest code any command accepts (hash centers need a B x B solve per center).
+MAX_BITS = 4096
+
 # (low, high, low inclusive, high inclusive) for numeric keys; None: unbounded on that side.
 RANGES = {
-    "seed": (0, None, True, None), "nbits": (1, None, True, None),
+    "seed": (0, None, True, None), "nbits": (1, MAX_BITS, True, True),
     "feature_size": (1, None, True, None), "max_frames": (2, None, True, None),
     "data.holdout_queries": (0, 1, False, False), "data.holdout_seed": (0, None, True, None),
     "preprocess.latent_dim_pca": (1, None, True, None), "preprocess.nclusters": (2, None, True, None),
@@ -280,7 +359,8 @@ RANGES = {
     "train.temperature": (0, None, False, None), "train.a_cluster": (0, None, True, None),
     "train.temperature_cluster": (0, None, False, None),
     "train.warm_up_epoch": (0, None, True, None), "train.smoothing_beta": (0, 1, True, True),
-    "train.eval_every": (1, None, True, None), "train.checkpoint_every": (1, None, True, None),
+    "train.eval_every": (1, None, True, None), "train.checkpoint_every": (0, None, True, None),
+    "train.checkpoint_seconds": (0, None, True, None),
     "train.val_fraction": (0, 1, False, False), "train.log_every": (1, None, True, None),
     "eval.batch_size": (1, None, True, None), "eval.query_chunk": (1, None, True, None),
 }
@@ -311,12 +391,61 @@ def _describe_range(low, high, low_in, high_in):
 
 def _check_number(key, value, low, high, low_in, high_in):
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a finite number, got {_short(value)}")
     too_low = low is not None and (value < low if low_in else value <= low)
     too_high = high is not None and (value > high if high_in else value >= high)
     if too_low or too_high:
         raise ConfigError(f"config key '{key}' must be {_describe_range(low, high, low_in, high_in)}"
                           f", got {value!r}")
+
+
+DATA_FILE_KEYS = ("train_feats", "train_labels", "db_feats", "db_labels", "query_feats",
+                  "query_labels")
+
+
+def _check_file_name(key, name, fields=()):
+    """A plain file name (no folder, no '..', not hidden); `{field}` only for the given fields."""
+    if not isinstance(name, str):
+        raise ConfigError(f"config key '{key}' must be a file name, got {_short(name)}")
+    if name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or \
+            "\0" in name:
+        raise ConfigError(f"config key '{key}' must be a plain file name (no folder, no '..', "
+                          f"not starting with '.'), got {_short(name)}")
+    try:
+        used = [(field, spec, conv) for _, field, spec, conv in string.Formatter().parse(name)
+                if field is not None]
+    except ValueError as err:
+        raise ConfigError(f"config key '{key}' is not a valid file-name pattern ({err}): "
+                          f"{name!r}") from None
+    for field, spec, conv in used:
+        if field not in fields or spec or conv:
+            allowed = ", ".join(f"{{{f}}}" for f in fields) or "no {...} fields"
+            raise ConfigError(f"config key '{key}' may only use {allowed}, got {_short(name)}")
+
+
+def _check_file_names(raw):
+    """Every configured file name is a plain name in its folder."""
+    data, artifacts = raw["data"], raw["preprocess"]["artifacts"]
+    for key in DATA_FILE_KEYS:
+        if data[key]:
+            _check_file_name(f"data.{key}", data[key])
+    for key, name in artifacts.items():
+        _check_file_name(f"preprocess.artifacts.{key}", name, fields=("nbits",))
+
+
+def _check_no_overwrite(paths, artifact_names):
+    """No artifact may be written over an input file or over another artifact."""
+    inputs = {os.path.realpath(paths[key]): f"data.{key}" for key in DATA_FILE_KEYS if paths[key]}
+    made = {}
+    for key in artifact_names:
+        where = os.path.realpath(paths[key])
+        if where in inputs:
+            raise ConfigError(f"config key 'preprocess.artifacts.{key}' names {paths[key]}, the "
+                              f"input file of '{inputs[where]}'; preprocessing would overwrite it")
+        if where in made:
+            raise ConfigError(f"config keys 'preprocess.artifacts.{made[where]}' and "
+                              f"'preprocess.artifacts.{key}' name the same file {paths[key]}")
+        made[where] = key
 
 
 def check_config(raw):
@@ -325,12 +454,14 @@ def check_config(raw):
     for key, allowed in CHOICES.items():
         value = _get(raw, key)
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got "
+                              f"{_short(value)}")
     for key, bounds in RANGES.items():
         _check_number(key, _get(raw, key), *bounds)
     for key in NON_EMPTY:
         if not isinstance(_get(raw, key), str) or not _get(raw, key).strip():
             raise ConfigError(f"config key '{key}' must be a non-empty string")
+    _check_file_names(raw)
     data = raw["data"]
     for name in PROTOCOL_FILES[data["protocol"]]:
         if not data[name]:
@@ -359,7 +490,7 @@ def check_config(raw):
                                   f"model.{width} ({m[width]}) for model.mixer='{m['mixer']}'")
     betas = t["betas"]
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise ConfigError(f"config key 'train.betas' must be two numbers in [0, 1), got {betas!r}")
+        raise ConfigError(f"config key 'train.betas' must be two numbers in [0, 1), got {_short(betas)}")
     if t["min_lr"] > t["lr"]:
         raise ConfigError(f"config key 'train.min_lr' must be at most train.lr ({t['lr']}), "
                           f"got {t['min_lr']}")
@@ -367,7 +498,7 @@ def check_config(raw):
     if not topk or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
                            for k in topk):
         raise ConfigError(f"config key 'eval.topk' must be a non-empty list of integers >= 1, "
-                          f"got {topk!r}")
+                          f"got {_short(topk)}")
     if 5 not in topk and t["select"] != "last":
         raise ConfigError(f"config key 'eval.topk' must contain 5 when train.select="
-                          f"'{t['select']}' (selection is by mAP@5), got {list(topk)}")
+                          f"'{t['select']}' (selection is by mAP@5), got {_short(list(topk))}")

@@ -11,11 +11,51 @@ import glob
 import json
 import math
 import os
+import shutil
+import stat
 import tempfile
 
 from utils.errors import UserError
 
 TMP_SUFFIX = ".tmp"
+
+
+class FileKindError(UserError):
+    """A path where a regular file should be that is missing or something else."""
+
+
+def check_file(path, what):
+    """Raise FileKindError unless `path` is a readable regular file (symbolic links followed).
+    The message says what is there instead: nothing, a directory, a FIFO, a broken link or a
+    link loop, so that nothing blocks on a FIFO or reports a directory as "not found"."""
+    if not path:
+        raise FileKindError(f"no {what} file is configured")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileKindError(f"{what} file {path} is a symbolic link to a missing file") \
+                from None
+        raise FileKindError(f"{what} file not found: {path}") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise FileKindError(f"{what} file {path} is a symbolic link loop") from None
+        raise FileKindError(f"{what} file {path} cannot be read: {err.strerror}") from None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    for test, kind in kinds:
+        if test(mode):
+            raise FileKindError(f"{what} file {path} is {kind}, not a regular file")
+    if not os.access(path, os.R_OK):
+        raise FileKindError(f"{what} file {path} cannot be read: permission denied")
+    return path
+
+
+def file_identity(path):
+    """(size, mtime_ns, inode, device) of a file: what changes when its content may have."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
 def _umask():
@@ -28,7 +68,7 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPE
                 errno.ENOTDIR, errno.EEXIST)
 
 
-def _write_error(path, err):
+def write_error(path, err):
     """A UserError for an OSError of a write that the user can fix (space, permissions)."""
     reason = err.strerror or str(err)
     if "No space left" in str(err):     # h5py reports a full disk without an errno
@@ -88,7 +128,7 @@ def atomic_path(path):
         os.makedirs(directory, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=TMP_SUFFIX, dir=directory)
     except OSError as err:
-        raise _write_error(path, err) from None
+        raise write_error(path, err) from None
     os.close(handle)
     try:
         yield tmp
@@ -96,7 +136,7 @@ def atomic_path(path):
         os.replace(tmp, path)
     except OSError as err:
         if _is_write_error(err):
-            raise _write_error(path, err) from None
+            raise write_error(path, err) from None
         raise
     finally:
         if os.path.exists(tmp):
@@ -120,7 +160,24 @@ def atomic_write_text(path, text):
             f.write(text)
 
 
+# Room left free beyond a file's own size when checking space before a write.
+SPACE_MARGIN = 1 << 20
+
+
+def ensure_space(path, nbytes):
+    """Before writing `nbytes` to `path`: a UserError naming the file when its file system has no
+    room for them (where that can be known)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    free = shutil.disk_usage(directory).free
+    if free < nbytes + SPACE_MARGIN:
+        raise UserError(f"cannot write {path}: {os.strerror(errno.ENOSPC)} (it needs "
+                        f"{nbytes / 2 ** 20:,.1f} MiB and {free / 2 ** 20:,.1f} MiB are free)")
+
+
 def write_bytes(path, data):
+    ensure_space(path, len(data))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -133,7 +190,7 @@ def append_line(path, text):
             f.write(text + "\n")
     except OSError as err:
         if _is_write_error(err):
-            raise _write_error(path, err) from None
+            raise write_error(path, err) from None
         raise
 
 
@@ -163,10 +220,9 @@ def write_json(path, payload):
 
 def read_json(path, what):
     """Parse a JSON file this project wrote; a missing or broken file is a UserError."""
+    check_file(path, what)
     try:
         with open(path) as f:
             return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path}") from None
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable {what} ({err})") from None
