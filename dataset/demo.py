@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from dataset.io import write_features, write_labels
+from dataset.io import write_features_streamed, write_labels
 from utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -49,9 +49,14 @@ def _videos(rng, labels, states, frames, noise):
     return x.astype(np.float32)
 
 
+# Videos generated and written at a time, so a set of any size is made in bounded memory.
+CHUNK_VIDEOS = 256
+
+
 def make_demo(out_dir, seed=0, num_classes=20, db_per_class=75, query_per_class=25,
-              frames=25, dim=512, noise=0.35, prefix="demo_"):
-    """Write `{prefix}train_feats.h5`/`labels.mat` (database) and `{prefix}test_*` (queries)."""
+              frames=25, dim=512, noise=0.35, prefix="demo_", dtype=np.float32):
+    """Write `{prefix}train_feats.h5`/`labels.mat` (database) and `{prefix}test_*` (queries),
+    features in `dtype`, streamed CHUNK_VIDEOS videos at a time."""
     if num_classes % 2:
         raise ValueError("num_classes must be even (classes come in forward/backward pairs)")
     rng = np.random.default_rng(seed)
@@ -60,9 +65,11 @@ def make_demo(out_dir, seed=0, num_classes=20, db_per_class=75, query_per_class=
     states = states.reshape(groups, STATES_PER_GROUP, dim)
     for split, per_class in (("train", db_per_class), ("test", query_per_class)):
         labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
-        feats = _videos(rng, labels, states, frames, noise)
+        blocks = (_videos(rng, labels[i:i + CHUNK_VIDEOS], states, frames, noise).astype(dtype)
+                  for i in range(0, len(labels), CHUNK_VIDEOS))
+        write_features_streamed(os.path.join(out_dir, f"{prefix}{split}_feats.h5"),
+                                (len(labels), frames, dim), blocks, dtype=dtype)
         onehot = np.eye(num_classes, dtype=np.uint8)[labels]
-        write_features(os.path.join(out_dir, f"{prefix}{split}_feats.h5"), feats)
         write_labels(os.path.join(out_dir, f"{prefix}{split}_labels.mat"), onehot)
 
 
@@ -92,10 +99,12 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=25)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="feature dtype on disk (float16 halves the files)")
     args = parser.parse_args(argv)
     make_demo(args.out, seed=args.seed, num_classes=args.classes, db_per_class=args.db_per_class,
               query_per_class=args.query_per_class, frames=args.frames, dim=args.dim,
-              prefix=args.prefix)
+              prefix=args.prefix, dtype=np.dtype(args.dtype))
 
 
 if __name__ == "__main__":

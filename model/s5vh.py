@@ -53,32 +53,53 @@ class BidirectionalLayer(nn.Module):
 
     share_directions=True reproduces the authors' release, where G is F (one set of weights);
     bidirectional=False keeps the forward scan only, h <- h + DropPath(F(LN1(h))) (an ablation).
+    two_streams=True runs G on a second CUDA stream while F runs (on a CUDA tensor): the same
+    kernels in the same order on each branch, so the same numbers, but the GPU overlaps the two
+    chains, and autograd overlaps their gradients, which it runs on the stream of each forward op.
     """
 
     def __init__(self, dim, make_mixer, drop_path=0.0, share_directions=False,
-                 bidirectional=True):
+                 bidirectional=True, two_streams=False):
         super().__init__()
-        self.bidirectional = bidirectional
+        self.bidirectional, self.two_streams = bidirectional, two_streams
         self.norm_forward = nn.LayerNorm(dim, eps=LN_EPS)
         self.mixer_forward = make_mixer(dim)
         if bidirectional:
             self.norm_backward = nn.LayerNorm(dim, eps=LN_EPS)
             self.mixer_backward = None if share_directions else make_mixer(dim)
         self.drop_path = DropPath(drop_path)
+        self._side_stream = None
+
+    def _backward_direction(self, h):
+        backward_mixer = self.mixer_backward or self.mixer_forward
+        return backward_mixer(self.norm_backward(h.flip(1))).flip(1)
 
     def forward(self, h, noise=None):
         """h: (b, L, d), noise: (b,) DropPath noise or None -> (b, L, d)."""
-        out = self.mixer_forward(self.norm_forward(h))
-        if self.bidirectional:
-            backward_mixer = self.mixer_backward or self.mixer_forward
-            out = out + backward_mixer(self.norm_backward(h.flip(1))).flip(1)
+        if not self.bidirectional:
+            out = self.mixer_forward(self.norm_forward(h))
+        elif self.two_streams and h.is_cuda:
+            main = torch.cuda.current_stream(h.device)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(h.device)
+            side = self._side_stream
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                backward = self._backward_direction(h)
+            out = self.mixer_forward(self.norm_forward(h))
+            main.wait_stream(side)
+            backward.record_stream(main)
+            out = out + backward
+        else:
+            out = self.mixer_forward(self.norm_forward(h)) + self._backward_direction(h)
         return h + self.drop_path(out, noise)
 
 
 def _layers(dim, depth, model_cfg, make_mixer, drop_path_max):
     rates = torch.linspace(0, drop_path_max, depth).tolist() if depth > 1 else [0.0] * depth
     return nn.ModuleList(BidirectionalLayer(dim, make_mixer, rate, model_cfg["share_directions"],
-                                            model_cfg["bidirectional"]) for rate in rates)
+                                            model_cfg["bidirectional"],
+                                            model_cfg["two_streams"]) for rate in rates)
 
 
 class Encoder(nn.Module):
@@ -200,10 +221,17 @@ class S5VH(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def describe_mixer(self):
-        """e.g. 'mamba (Triton short-sequence selective scan)', 'attention (sdpa)', 'lstm'."""
+        """e.g. 'mamba (Triton short-sequence selective scan)', 'attention (sdpa)', 'lstm', with
+        ', directions on two CUDA streams' when they are."""
         if self.mixer == "mamba":
-            return f"mamba ({IMPL_NAMES[self.mixer_impl]})"
-        return f"{self.mixer} ({self.mixer_impl})" if self.mixer_impl else self.mixer
+            text = f"mamba ({IMPL_NAMES[self.mixer_impl]})"
+        else:
+            text = f"{self.mixer} ({self.mixer_impl})" if self.mixer_impl else self.mixer
+        layer = self.encoder.layers[0]
+        on_gpu = any(p.is_cuda for p in self.parameters())
+        if layer.two_streams and layer.bidirectional and on_gpu:
+            text += ", directions on two CUDA streams"
+        return text
 
     @property
     def depth(self):

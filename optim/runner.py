@@ -96,6 +96,7 @@ class Run:
     last_save: float = 0.0
     saved_epoch: Optional[int] = None            # epoch of the last last.pth submitted
     epochs_done: int = 0
+    timing: dict = field(default_factory=dict)   # seconds of the set-up's phases, first epoch
     prefix: str = ""                             # console prefix when several runs train
 
     def path(self, name):
@@ -136,10 +137,13 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None):
     t = cfg.train
     device = resolve_device(t.device)
     seed_everything(cfg.seed)
+    clock = _Clock()
     with preprocessed(cfg) as status:       # read the files while no one can replace them
         videos = train_set(cfg)
         pseudo_labels, centers, digests = load_artifacts(cfg, len(videos))
+    clock.lap("artifacts")
     features = _resident_features(videos, cfg, device, {} if shared is None else shared)
+    clock.lap("features")
     model = build_model(cfg, device)
     criterion = S5VHLoss(centers, t).to(device)
     graphs = t.cuda_graphs and device.type == "cuda"
@@ -154,10 +158,23 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None):
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(device))   # the set-up's work comes first
+    clock.lap("model and evaluation sets")
     return Run(cfg, run_dir, device, model, criterion, optimizer, label_table, step,
                sets["test"], sets.get(t.select), sets.get(t.monitor), len(videos), run_id,
                fingerprint, {**status, **digests}, RunLog(run_dir), stream,
-               last_save=time.monotonic())
+               last_save=time.monotonic(), timing=clock.laps)
+
+
+class _Clock:
+    """Seconds of the phases of a set-up, for the run's log."""
+
+    def __init__(self):
+        self.laps, self._last = {}, time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def resume(run, state, records):
@@ -267,6 +284,8 @@ def end_epoch(run, epoch, means, began, writer, stop):
     t, done = run.cfg.train, epoch + 1
     record = {"run_id": run.run_id, "epoch": done, "lr": cosine_lr(run.cfg, epoch),
               "train_seconds": round(time.perf_counter() - began, 4)}
+    if epoch == run.start_epoch:            # compilation and graph capture happen here
+        run.timing["first epoch"] = record["train_seconds"]
     losses = _losses_to_host(run, means)
     evaluate = (run.select_set or run.monitor_set) and (done % t.eval_every == 0
                                                         or done == t.num_epochs)
@@ -329,7 +348,7 @@ def report(run, result):
                "test_mAP": result["mAP"], "test_precision": result["precision"],
                "epochs": cfg.train.num_epochs, "runtime": run.runtime(),
                "run_id": run.run_id, "config_fingerprint": run.fingerprint,
-               "artifacts": run.artifacts}
+               "artifacts": run.artifacts, "timing": run.timing}
     write_json(run.path("results.json"), results)
     return results
 
@@ -364,6 +383,7 @@ def _step_memory(run):
                             run.label_table, None, run.step.amp)
     loss.backward()
     run.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)          # the runs' streams may reuse this memory next
     peak = torch.cuda.max_memory_allocated(device) - before
     moments = 2 * sum(p.numel() * p.element_size() for p in run.model.parameters())
     return peak + moments
@@ -503,7 +523,9 @@ def _train_group(jobs, writer, progress, several):
             for job in jobs:
                 opened.append(_open(job, stack))
             shared = {}
-            for item in opened:
+            # runs of one seed after another: the clustering of a seed is then made once
+            for item in sorted(opened, key=lambda o: (o.job.cfg.paths.artifact_dir,
+                                                      o.job.cfg.seed, o.job.cfg.nbits)):
                 if item.results is not None:
                     logger.info(f"{item.job.run_dir}: the run is already finished; its "
                                 f"results follow")
@@ -518,6 +540,7 @@ def _train_group(jobs, writer, progress, several):
             raise
         for run in runs:
             runtime = run.runtime()
+            run.say("set-up: " + ", ".join(f"{k} {v:.2f}s" for k, v in run.timing.items()))
             run.say(f"training {run.num_videos} videos on {run.device}, "
                     f"{runtime['parameters']:,} parameters, epochs {run.start_epoch + 1}.."
                     f"{run.cfg.train.num_epochs}, select={run.cfg.train.select}; mixer "

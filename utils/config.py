@@ -217,7 +217,7 @@ def plain_config(cfg):
 # resume must keep, and what `tools.paper` matches to reuse a finished run.
 NON_RESULT_KEYS = ("work_dir", "train.log_every", "train.checkpoint_every",
                    "train.checkpoint_seconds", "eval.batch_size", "eval.query_chunk",
-                   "preprocess.chunk_videos")
+                   "preprocess.chunk_videos", "model.two_streams")
 
 
 def result_keys(plain):

@@ -77,6 +77,7 @@ model = dict(
     attention_impl="sdpa",     # sdpa (fused) | explicit (softmax(QK^T)V, memory grows with M^2)
     share_directions=False,    # True: both scan directions use one mixer (the authors' release)
     bidirectional=True,        # False: forward scans only (the unidirectional ablation)
+    two_streams=False,         # on CUDA, the backward scans on a second stream (same numbers)
     decoder_order="visible_first",  # visible_first (MAE-style, the release) | time
 )
 
