@@ -53,8 +53,9 @@ class FeatureFile:
     def __len__(self):
         return self.shape[0]
 
-    def read(self, rows=None):
-        """(n, M, D) float32 for a slice or sorted/unsorted index array (None: all rows)."""
+    def read(self, rows=None, dtype=np.float32):
+        """(n, M, D) in `dtype` (None: as stored) for a slice or sorted/unsorted index array
+        (None: all rows)."""
         if rows is None:
             out = self._data[()]
         elif isinstance(rows, slice):
@@ -64,16 +65,17 @@ class FeatureFile:
             unique, inverse = np.unique(np.asarray(rows), return_inverse=True)
             out = self._data[unique][inverse] if len(unique) else np.empty(
                 (0,) + self.shape[1:], dtype=self._data.dtype)
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(out, dtype=dtype)
 
-    def iter_chunks(self, chunk, rows=None):
-        """Yield (row_indices, (n, M, D) float32) over all rows (or `rows`), `chunk` at a time."""
+    def iter_chunks(self, chunk, rows=None, dtype=np.float32):
+        """Yield (row_indices, (n, M, D) in `dtype`, None: as stored) over all rows (or `rows`),
+        `chunk` at a time."""
         rows = np.arange(len(self)) if rows is None else np.asarray(rows)
         for start in range(0, len(rows), chunk):
             idx = rows[start:start + chunk]
             contiguous = len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1)
-            block = self.read(slice(int(idx[0]), int(idx[-1]) + 1)) if contiguous else self.read(idx)
-            yield idx, block
+            where = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
+            yield idx, self.read(where, dtype)
 
     def close(self):
         if getattr(self, "_file", None) is not None:

@@ -34,12 +34,13 @@ class VideoSet:
         """(n, M, D) float32 features, validated against the config."""
         return read_features(self.path, self.key, cfg.max_frames, cfg.feature_size, self.rows)
 
-    def iter_blocks(self, cfg, chunk=1024):
-        """Yield (n, M, D) float32 blocks of this set's videos in order, `chunk` at a time,
-        validated against the config and checked for NaN/Inf."""
+    def iter_blocks(self, cfg, chunk=1024, dtype=np.float32):
+        """Yield (n, M, D) blocks (in `dtype`, None: as stored) of this set's videos in order,
+        `chunk` at a time, from a file validated against the config and whose every value was
+        checked (once per file version: `_scan`)."""
+        _scan(self.path, self.key, cfg)
         with FeatureFile(self.path, self.key, cfg.max_frames, cfg.feature_size) as feats:
-            for idx, block in feats.iter_chunks(chunk, self.rows):
-                check_finite(block, self.path, self.key, offset=int(idx[0]))
+            for _, block in feats.iter_chunks(chunk, self.rows, dtype):
                 yield block
 
     def _fill(self, out, blocks, convert):
@@ -51,11 +52,11 @@ class VideoSet:
 
     def load_resident(self, cfg, device, dtype=torch.float32, chunk=1024):
         """(n, M, D) tensor on `device` in `dtype`, filled chunk by chunk (host memory stays
-        at one chunk, whatever the set's size)."""
+        at one chunk, whatever the set's size); blocks travel as stored and are converted there."""
         out = torch.empty((len(self), cfg.max_frames, cfg.feature_size), dtype=dtype,
                           device=device)
-        return self._fill(out, self.iter_blocks(cfg, chunk),
-                          lambda block: torch.from_numpy(block).to(device, dtype))
+        return self._fill(out, self.iter_blocks(cfg, chunk, dtype=None),
+                          lambda block: torch.from_numpy(block).to(device).to(dtype))
 
     def mean_pooled(self, cfg, chunk=1024):
         """(n, D) float32 frame means, streamed `chunk` videos at a time."""

@@ -53,22 +53,22 @@ class BidirectionalLayer(nn.Module):
 
     share_directions=True reproduces the authors' release, where G is F (one set of weights);
     bidirectional=False keeps the forward scan only, h <- h + DropPath(F(LN1(h))) (an ablation).
-    two_streams=True runs G on a second CUDA stream while F runs (on a CUDA tensor): the same
-    kernels in the same order on each branch, so the same numbers, but the GPU overlaps the two
-    chains, and autograd overlaps their gradients, which it runs on the stream of each forward op.
+    With `side` (a SideStream, on a CUDA tensor), G runs on a second CUDA stream while F runs:
+    the same kernels, issued in the same order, so autograd visits them in the same order too,
+    but the GPU overlaps the two chains, and their gradients, which autograd runs on the stream
+    of each forward op.
     """
 
     def __init__(self, dim, make_mixer, drop_path=0.0, share_directions=False,
-                 bidirectional=True, two_streams=False):
+                 bidirectional=True, side=None):
         super().__init__()
-        self.bidirectional, self.two_streams = bidirectional, two_streams
+        self.bidirectional, self.side = bidirectional, side
         self.norm_forward = nn.LayerNorm(dim, eps=LN_EPS)
         self.mixer_forward = make_mixer(dim)
         if bidirectional:
             self.norm_backward = nn.LayerNorm(dim, eps=LN_EPS)
             self.mixer_backward = None if share_directions else make_mixer(dim)
         self.drop_path = DropPath(drop_path)
-        self._side_stream = None
 
     def _backward_direction(self, h):
         backward_mixer = self.mixer_backward or self.mixer_forward
@@ -78,40 +78,51 @@ class BidirectionalLayer(nn.Module):
         """h: (b, L, d), noise: (b,) DropPath noise or None -> (b, L, d)."""
         if not self.bidirectional:
             out = self.mixer_forward(self.norm_forward(h))
-        elif self.two_streams and h.is_cuda:
+        elif self.side is not None and h.is_cuda:
             main = torch.cuda.current_stream(h.device)
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(h.device)
-            side = self._side_stream
-            side.wait_stream(main)
+            side = self.side.stream(h.device)
+            side.wait_stream(main)          # the fork: G needs h, nothing F computes
+            out = self.mixer_forward(self.norm_forward(h))
             with torch.cuda.stream(side):
                 backward = self._backward_direction(h)
-            out = self.mixer_forward(self.norm_forward(h))
             main.wait_stream(side)
-            backward.record_stream(main)
+            backward.record_stream(main)    # made on the side stream, freed on this one
             out = out + backward
         else:
             out = self.mixer_forward(self.norm_forward(h)) + self._backward_direction(h)
         return h + self.drop_path(out, noise)
 
 
-def _layers(dim, depth, model_cfg, make_mixer, drop_path_max):
+class SideStream:
+    """One second CUDA stream per model and device, shared by its layers (which run one after
+    the other), made when first needed."""
+
+    def __init__(self):
+        self._streams = {}
+
+    def stream(self, device):
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+
+def _layers(dim, depth, model_cfg, make_mixer, drop_path_max, side):
     rates = torch.linspace(0, drop_path_max, depth).tolist() if depth > 1 else [0.0] * depth
     return nn.ModuleList(BidirectionalLayer(dim, make_mixer, rate, model_cfg["share_directions"],
-                                            model_cfg["bidirectional"],
-                                            model_cfg["two_streams"]) for rate in rates)
+                                            model_cfg["bidirectional"], side)
+                         for rate in rates)
 
 
 class Encoder(nn.Module):
     """Frame embedding + positions -> visible frames (time order) -> layers -> LN -> Linear."""
 
-    def __init__(self, feature_size, max_frames, model_cfg, make_mixer):
+    def __init__(self, feature_size, max_frames, model_cfg, make_mixer, side=None):
         super().__init__()
         dim = model_cfg["hidden_size"]
         depth = VARIANT_DEPTHS[model_cfg["variant"]]
         self.embed = nn.Linear(feature_size, dim)
         self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
-        self.layers = _layers(dim, depth, model_cfg, make_mixer, model_cfg["drop_path"])
+        self.layers = _layers(dim, depth, model_cfg, make_mixer, model_cfg["drop_path"], side)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.head = nn.Linear(dim, dim)
 
@@ -157,7 +168,7 @@ class HashLayer(nn.Module):
 class Decoder(nn.Module):
     """Visible frame codes + mask tokens -> one bidirectional layer -> predicted masked features."""
 
-    def __init__(self, nbits, feature_size, max_frames, model_cfg, make_mixer):
+    def __init__(self, nbits, feature_size, max_frames, model_cfg, make_mixer, side=None):
         super().__init__()
         dim = model_cfg["decoder_hidden_size"]
         self.order = model_cfg["decoder_order"]
@@ -165,7 +176,7 @@ class Decoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("pos", sinusoidal_table(max_frames, dim), persistent=False)
-        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, make_mixer, 0.0)
+        self.layers = _layers(dim, model_cfg["decoder_depth"], model_cfg, make_mixer, 0.0, side)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.predict = nn.Linear(dim, feature_size)
 
@@ -201,8 +212,9 @@ class S5VH(nn.Module):
         self.mixer, self.mixer_impl = model_cfg["mixer"], resolve_mixer(model_cfg, device,
                                                                         max_frames)
         make_mixer = mixer_factory(model_cfg, self.mixer_impl)
-        self.encoder = Encoder(feature_size, max_frames, model_cfg, make_mixer)
-        self.decoder = Decoder(nbits, feature_size, max_frames, model_cfg, make_mixer)
+        side = SideStream() if model_cfg["two_streams"] else None
+        self.encoder = Encoder(feature_size, max_frames, model_cfg, make_mixer, side)
+        self.decoder = Decoder(nbits, feature_size, max_frames, model_cfg, make_mixer, side)
         self._init_weights()
         self.hash_layer = HashLayer(model_cfg["hidden_size"], nbits)   # PyTorch's default init
 
@@ -229,7 +241,7 @@ class S5VH(nn.Module):
             text = f"{self.mixer} ({self.mixer_impl})" if self.mixer_impl else self.mixer
         layer = self.encoder.layers[0]
         on_gpu = any(p.is_cuda for p in self.parameters())
-        if layer.two_streams and layer.bidirectional and on_gpu:
+        if layer.side is not None and layer.bidirectional and on_gpu:
             text += ", directions on two CUDA streams"
         return text
 

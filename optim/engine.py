@@ -105,7 +105,10 @@ class TrainStep:
     backward, fused AdamW, label-table update), which removes the per-kernel launch cost that
     dominates a model this small: one graph per phase (warm-up, smoothing), both in one memory
     pool (the phases never overlap), captured after a few eager steps. Other batches (the last,
-    smaller one) run eagerly on the same parameters. Everything runs on the current stream.
+    smaller one) run eagerly on the same parameters. Everything runs on the current stream,
+    which must not be the default stream when graphs are used (the runner gives each run its
+    own): the eager steps before a capture are then on a side stream, as CUDA graphs require,
+    and no tensor of a step is ever used on another stream than the one it was made on.
     """
 
     EAGER_STEPS_BEFORE_CAPTURE = 3
@@ -129,17 +132,14 @@ class TrainStep:
         phase = smoothing_beta is not None
         if not self.use_graphs or len(inputs.index) != self.batch_size:
             return self._eager(inputs, smoothing_beta)
+        if torch.cuda.current_stream() == torch.cuda.default_stream():
+            raise RuntimeError("TrainStep with CUDA graphs runs on a stream of its own (the "
+                               "eager steps before a capture must not be on the default one)")
         if phase not in self.graphs:
             count = self.eager_counts.get(phase, 0)
             if count < self.EAGER_STEPS_BEFORE_CAPTURE:
                 self.eager_counts[phase] = count + 1
-                current = torch.cuda.current_stream()
-                side = torch.cuda.Stream()          # warm-up steps off the capturing stream
-                side.wait_stream(current)
-                with torch.cuda.stream(side):
-                    result = self._eager(inputs, smoothing_beta)
-                current.wait_stream(side)
-                return result
+                return self._eager(inputs, smoothing_beta)
             self.graphs[phase] = self._capture(inputs, smoothing_beta)
         graph, static, outputs = self.graphs[phase]
         for name in ("index", "visible", "masked", "path_noise"):
