@@ -16,23 +16,28 @@ def reconstruction_loss(prediction, target):
     return F.mse_loss(prediction, target)
 
 
-def debiased_contrastive_loss(z1, z2, temperature, tau_plus):
+def debiased_contrastive_loss(z1, z2, temperature, tau_plus, clusters=None):
     """Debiased contrastive loss (Chuang et al., 2020) between two views' codes, (b, B) each.
 
     For each of the 2b anchors, the positive is the other view of the same video and the 2b - 2
     remaining codes are negatives; the negative term is debiased and clamped from below:
     Ng = max((neg - tau_plus * N * pos) / (1 - tau_plus), N * e^{-1/t}), N = 2b - 2.
+    With `clusters` (b,) pseudo-labels (train.negatives='other_clusters'), the codes of videos
+    of the anchor's own cluster are left out of its negatives too, and N counts the rest.
     """
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)                                   # (2b, B)
     sim = torch.exp(z @ z.T / temperature)                                        # (2b, 2b)
     pos = torch.exp((z[:b] * z[b:]).sum(1) / temperature).repeat(2)              # (2b,)
-    self_or_partner = torch.eye(2 * b, dtype=torch.bool, device=z.device)
-    self_or_partner = self_or_partner | self_or_partner.roll(b, dims=1)
-    neg = sim.masked_fill(self_or_partner, 0.0).sum(1)
-    count = 2 * b - 2
+    excluded = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    excluded = excluded | excluded.roll(b, dims=1)                        # self and partner
+    if clusters is not None:
+        both = clusters.repeat(2)
+        excluded = excluded | (both[:, None] == both[None, :])
+    neg = sim.masked_fill(excluded, 0.0).sum(1)
+    count = (~excluded).sum(1).to(sim.dtype)                                      # (2b,)
     ng = (neg - tau_plus * count * pos) / (1 - tau_plus)
-    ng = torch.clamp(ng, min=count * math.exp(-1 / temperature))
+    ng = torch.maximum(ng, count * math.exp(-1 / temperature))
     return -torch.log(pos / (pos + ng)).mean()
 
 
@@ -74,6 +79,7 @@ class S5VHLoss(nn.Module):
         self.a_rec = train_cfg["a_rec"]
         self.alpha, self.a_cluster = train_cfg["alpha"], train_cfg["a_cluster"]
         self.temperature, self.tau_plus = train_cfg["temperature"], train_cfg["tau_plus"]
+        self.other_cluster_negatives = train_cfg["negatives"] == "other_clusters"
 
     def forward(self, outputs, targets, soft_labels):
         """outputs: the model's dict for 2b rows (view 1, then view 2); targets: (2b, m, D) masked
@@ -81,7 +87,10 @@ class S5VHLoss(nn.Module):
         b = soft_labels.shape[0]
         pred, code = outputs["reconstruction"], outputs["video_code"]
         rec = reconstruction_loss(pred[:b], targets[:b]) + reconstruction_loss(pred[b:], targets[b:])
-        con = debiased_contrastive_loss(code[:b], code[b:], self.temperature, self.tau_plus)
+        # the pseudo-label of a video: the argmax of its (soft) label row
+        clusters = soft_labels.argmax(1) if self.other_cluster_negatives else None
+        con = debiased_contrastive_loss(code[:b], code[b:], self.temperature, self.tau_plus,
+                                        clusters)
         logits = self.center_logits(code)
         ca = 0.5 * (soft_cross_entropy(logits[:b], soft_labels)
                     + soft_cross_entropy(logits[b:], soft_labels))
@@ -98,8 +107,16 @@ class LabelTable:
     """
 
     def __init__(self, pseudo_labels, num_clusters, device="cpu"):
-        labels = torch.as_tensor(pseudo_labels, dtype=torch.long, device=device)
-        self.table = F.one_hot(labels, num_clusters).float()
+        self.kmeans = torch.as_tensor(pseudo_labels, dtype=torch.long, device=device)   # (N,)
+        self.table = F.one_hot(self.kmeans, num_clusters).float()
+
+    def drift(self):
+        """How far the table has moved from the k-means labels, as a (2,) device tensor: the
+        share of videos whose argmax is no longer their k-means cluster, and the mean entropy
+        (nats) of the rows (0 while they are one-hot)."""
+        changed = (self.table.argmax(1) != self.kmeans).float().mean()
+        entropy = -(self.table * self.table.clamp(min=1e-12).log()).sum(1).mean()
+        return torch.stack([changed, entropy])
 
     def update(self, index, full_view_logits, beta):
         """index: (b,) video ids; full_view_logits: (b, K); beta: the smoothing rate.

@@ -4,6 +4,7 @@ Shapes (docs/method.md §2): N videos, M frames, D feature size, B code length.
 """
 import torch
 
+from dataset.io import FeatureFile, check_finite
 from utils.errors import UserError
 
 
@@ -37,3 +38,18 @@ def encode(model, source, device, batch_size=512):
         raise NonFiniteCodes(f"the model gave non-finite codes (NaN) for {bad} of {len(codes)} "
                              f"videos: its weights or activations are not finite")
     return codes
+
+
+def encode_feature_file(model, path, cfg, device, key="feats"):
+    """(N, B) ±1 codes of every video of an (N, M, D) features file, checked against the
+    model's config (frames, feature size) and for NaN/Inf, read `eval.batch_size` at a time."""
+    def blocks():
+        with FeatureFile(path, key, cfg.max_frames, cfg.feature_size) as feats:
+            for idx, block in feats.iter_chunks(cfg.eval.batch_size):
+                check_finite(block, path, key, offset=int(idx[0]))
+                yield block
+
+    try:
+        return encode(model, blocks(), device, cfg.eval.batch_size)
+    except NonFiniteCodes as err:
+        raise NonFiniteCodes(f"{path}: {err}") from None

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from utils.errors import UserError
 
@@ -49,14 +50,16 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
         delta = delta + delta_bias.to(compute)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    # time-major and unbound once: indexing inside the loop would make autograd write a full
-    # zero tensor per step in the backward pass
-    decay = torch.exp(torch.einsum("bel,en->lben", delta, A)).unbind(0)      # L x (b, E, N)
-    drive = torch.einsum("bel,bnl->lben", delta * u, B).unbind(0)             # L x (b, E, N)
-    readout = C.permute(2, 0, 1).unsqueeze(-1).unbind(0)                      # L x (b, N, 1)
-    state = torch.zeros_like(decay[0])                                        # (b, E, N)
+    # the inputs of each step, unbound once (indexing inside the loop would make autograd
+    # write a full zero tensor per step in the backward pass); the (b, E, N) terms of a step
+    # are made in the step, so memory holds one step's, not L of them
+    steps = zip(delta.unbind(-1), (delta * u).unbind(-1), B.unbind(-1),
+                C.unsqueeze(-1).unbind(-2))                     # (b, E), (b, E), (b, N), (b, N, 1)
+    state = u.new_zeros(u.shape[:2] + A.shape[1:])                             # (b, E, N)
     outputs = []
-    for decay_t, drive_t, readout_t in zip(decay, drive, readout):
+    for delta_t, drive_scale_t, B_t, readout_t in steps:
+        decay_t = (delta_t[:, :, None] * A).exp_()                            # (b, E, N)
+        drive_t = drive_scale_t[:, :, None] * B_t[:, None, :]                 # (b, E, N)
         state = decay_t * state + drive_t
         outputs.append(torch.bmm(state, readout_t))                           # (b, E, 1)
     y = torch.cat(outputs, dim=-1) + D.to(compute)[:, None] * u               # (b, E, L)
@@ -97,6 +100,14 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden):
         """hidden: (b, L, d_model) -> (b, L, d_model)."""
+        if self.scan is selective_scan_ref and torch.is_grad_enabled():
+            # the reference keeps every step's (b, E, N) state for its backward pass; on the
+            # plain path (CPU) the block is recomputed in the backward pass instead, so training
+            # memory holds each block's input only (the same numbers: recomputing is exact)
+            return checkpoint(self._block, hidden, use_reentrant=False)
+        return self._block(hidden)
+
+    def _block(self, hidden):
         length = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)          # (b, E, L) each
         x = F.silu(self.conv1d(x)[..., :length])                             # causal conv

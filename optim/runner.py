@@ -1,5 +1,5 @@
 """Training runs, one or several at once on one device, each in its own run directory
-(docs/method.md §10, §11).
+(docs/method.md §10, §13).
 
 A run is set up (artifacts, resident features, model, optimizer, evaluation sets), fitted epoch
 by epoch (`fit`), then its selected model is tested and reported. `train_runs` trains a list of
@@ -204,20 +204,28 @@ def resume(run, state, records):
 
 # ---- one epoch's bookkeeping ---------------------------------------------------------------
 
-def _losses_to_host(run, means):
-    """Start copying an epoch's (4,) mean losses to the host; (tensor, event or None)."""
+# what an epoch's log line gets from the device: the mean losses, and how far the label table
+# has moved from the k-means labels (share of changed argmax, mean entropy; docs/method.md §11)
+EPOCH_STATS = ("loss", "rec", "con", "ca", "label_changed", "label_entropy")
+
+
+def _stats_to_host(run, means):
+    """Start copying an epoch's mean losses (4,) and label-table drift to the host; (tensor,
+    event or None)."""
+    stats = torch.cat([means, run.label_table.drift()])
     if run.device.type != "cuda":
-        return means.clone(), None
-    host = torch.empty(4, pin_memory=True)
-    host.copy_(means, non_blocking=True)
+        return stats, None
+    host = torch.empty(len(EPOCH_STATS), pin_memory=True)
+    host.copy_(stats, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
     return host, event
 
 
 def _arrived(run, record, losses, block):
-    """The epoch's four mean losses once they are on the host (None while they are on their way,
-    unless `block`); a non-finite loss stops the run before anything else is done with it."""
+    """The epoch's statistics (EPOCH_STATS) once they are on the host (None while they are on
+    their way, unless `block`); a non-finite loss stops the run before anything else is done
+    with it."""
     host, event = losses
     if event is not None:
         if not block and not event.query():
@@ -227,7 +235,7 @@ def _arrived(run, record, losses, block):
     if not all(math.isfinite(v) for v in values):
         raise NonFiniteLossError(
             f"{run.run_dir}: non-finite loss in epoch {record['epoch']} (loss/rec/con/ca = "
-            f"{values}); lower train.lr or check the features")
+            f"{values[:4]}); lower train.lr or check the features")
     return values
 
 
@@ -241,7 +249,7 @@ def _flush(run, block):
         if values is None:
             return
         run.pending.pop(0)
-        record.update(zip(("loss", "rec", "con", "ca"), values))
+        record.update(zip(EPOCH_STATS, values))
         run.log.record(record)
         done = record["epoch"]
         if done % t.log_every == 0 or done == t.num_epochs or done == run.start_epoch + 1 or \
@@ -286,7 +294,7 @@ def end_epoch(run, epoch, means, began, writer, stop):
               "train_seconds": round(time.perf_counter() - began, 4)}
     if epoch == run.start_epoch:            # compilation and graph capture happen here
         run.timing["first epoch"] = record["train_seconds"]
-    losses = _losses_to_host(run, means)
+    losses = _stats_to_host(run, means)
     evaluate = (run.select_set or run.monitor_set) and (done % t.eval_every == 0
                                                         or done == t.num_epochs)
     save = (done == t.num_epochs or stop.requested

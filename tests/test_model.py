@@ -244,3 +244,22 @@ def test_binarize_keeps_nan_visible():
 def test_position_table():
     table = sinusoidal_table(10, 8)
     assert table.shape == (10, 8) and torch.allclose(table[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+def test_the_reference_scan_recomputes_its_states_without_changing_a_number():
+    """Training through the plain scan keeps no per-step states (checkpointed); gradients are
+    those of the scan kept whole."""
+    torch.manual_seed(0)
+    kept = MambaMixer(16, scan=lambda *args, **kwargs: selective_scan_ref(*args, **kwargs))
+    recomputed = MambaMixer(16)
+    recomputed.load_state_dict(kept.state_dict())
+    x = torch.rand(3, 9, 16, requires_grad=True)
+    grads = []
+    for mixer in (kept, recomputed):
+        out = mixer(x)
+        (out ** 2).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in mixer.parameters()]))
+        x.grad = None
+    (a, xa, pa), (b, xb, pb) = grads
+    assert torch.equal(a, b) and torch.equal(xa, xb)
+    assert all(torch.equal(p, q) for p, q in zip(pa, pb))

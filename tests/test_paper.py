@@ -178,3 +178,26 @@ def test_curves_and_tsne_reuse_the_main_run(root):
     assert len(points["S5VH"]) == len(saved["classes"]) == 16       # one point per query
     assert all(len(p) == 2 for p in points["ITQ"])
     assert (root / "out" / "tsne.png").exists()
+
+
+def test_sweep_crosses_the_grid_and_chooses_by_validation(root):
+    rows = call(root, "sweep", "--bits", "16", "--seeds", "1", "2", "--eval-every", "1",
+                "--grid", "train.a_cluster=0.1,1.0", "train.negatives=all,other_clusters")
+    assert [tuple(r["point"].values()) for r in rows] == [
+        (0.1, "all"), (0.1, "other_clusters"), (1.0, "all"), (1.0, "other_clusters")]
+    saved = output(root, "sweep")
+    assert saved["default"] == {"train.a_cluster": 0.1, "train.negatives": "all"}
+    best = max(rows, key=lambda r: r["val_score"])
+    assert saved["chosen"] == best["point"]
+    for row in rows:
+        assert len(row["runs"]) == 2 and row["epochs"] == [1, 2]
+        assert row["val_score"] == pytest.approx(np.mean([row["val_selected"][k][0]
+                                                          for k in (5, 20, 100)]))
+        assert len(row["label_changed"]) == 2 and 0 <= min(row["label_changed"]) <= 1
+    # each run trained what its name says
+    run = root / "out" / "runs" / "sweep_16bits_a_cluster1.0_negativesother_clusters_seed2"
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["train"]["a_cluster"] == 1.0 and config["train"]["negatives"] == \
+        "other_clusters" and config["seed"] == 2 and config["train"]["monitor"] == "val"
+    assert (root / "out" / "sweep.png").exists() and "(chosen)" in (root / "out" /
+                                                                      "sweep.md").read_text()

@@ -286,3 +286,38 @@ def test_seed_study_pairs_variants_by_seed(tmp_path, capsys):
     assert summary["base"][100]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
     assert "paired diff vs base" in capsys.readouterr().out
     assert json.loads(out.read_text())["variants"] == {"base": [], "short_mask": ["train.mask_ratio=0.25"]}
+
+
+def test_other_cluster_negatives_leave_the_anchor_cluster_out(rng):
+    z1, z2 = (torch.tensor(rng.normal(size=(6, 8))) for _ in range(2))
+    clusters = torch.tensor([0, 1, 0, 2, 1, 0])
+    got = debiased_contrastive_loss(z1, z2, 0.5, 0.1, clusters)
+    # by formula: the negatives of anchor i are the codes of videos of other clusters
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
+    both = clusters.repeat(2).tolist()
+    losses = []
+    for i in range(12):
+        p = (i + 6) % 12
+        pos = math.exp(float(z[i] @ z[p]) / 0.5)
+        others = [k for k in range(12) if both[k] != both[i]]
+        neg = sum(math.exp(float(z[i] @ z[k]) / 0.5) for k in others)
+        ng = max((neg - 0.1 * len(others) * pos) / 0.9, len(others) * math.exp(-2))
+        losses.append(-math.log(pos / (pos + ng)))
+    assert float(got) == pytest.approx(sum(losses) / 12, rel=1e-9)
+    # one cluster for all: no negatives are left, the loss is zero
+    assert float(debiased_contrastive_loss(z1, z2, 0.5, 0.1, torch.zeros(6))) == 0
+
+
+def test_the_log_shows_how_far_the_label_table_moved(tmp_path):
+    make_tiny_demo(str(tmp_path))
+    start_run(tiny_run_config(tmp_path, "train.num_epochs=3"), str(tmp_path / "run"),
+              progress=False)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert log[0]["label_changed"] == 0 and log[0]["label_entropy"] == 0   # warm-up: one-hot
+    assert log[-1]["label_entropy"] > 0 and 0 <= log[-1]["label_changed"] <= 1
+    table = LabelTable(np.array([0, 1, 1]), 2)
+    table.table = torch.tensor([[0.4, 0.6], [0.45, 0.55], [0.0, 1.0]])
+    changed, entropy = table.drift().tolist()
+    assert changed == pytest.approx(1 / 3)                # only video 0 left its cluster
+    h = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in (0.4, 0.45)]
+    assert entropy == pytest.approx(sum(h) / 3, rel=1e-6)

@@ -341,6 +341,173 @@ def run_convergence(exp, nbits, seeds, eval_every):
     return curves
 
 
+# The grid of `sweep` when --grid is not given (docs/method.md §11).
+SWEEP_GRID = {"train.a_cluster": [0.1, 0.3, 1.0, 3.0], "train.smoothing_beta": [0.0, 0.01]}
+SWEEP_K = (5, 20, 100)
+
+
+def parse_grid(items):
+    """['train.a_cluster=0.1,1', ...] -> {'train.a_cluster': [0.1, 1], ...} (Python literals)."""
+    import ast
+    grid = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not text:
+            raise UserError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+        values = []
+        for part in text.split(","):
+            try:
+                values.append(ast.literal_eval(part.strip()))
+            except (ValueError, SyntaxError):
+                values.append(part.strip())
+        check_distinct(values, f"--grid {key}")
+        grid[key.strip()] = values
+    return grid
+
+
+def _grid_point_name(point, base, nbits, seed):
+    """A run's name: the values that differ from the config's own ('default' when none do)."""
+    changed = [f"{key.split('.')[-1]}{value}" for key, value in point.items()
+               if _get_key(base, key) != value]
+    return f"sweep_{nbits}bits_{'_'.join(changed) or 'default'}_seed{seed}"
+
+
+def _get_key(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _mean_std_at(curves, epoch, k):
+    return _mean_std([c[epoch][k] for c in curves])
+
+
+def run_sweep(exp, nbits, seeds, grid, eval_every):
+    """A grid of config values x seeds, monitored on the validation split: which setting keeps
+    the deep ranks (mAP@20/100) without giving up the first (mAP@5)."""
+    import itertools
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    base = exp.cfg(f"nbits={nbits}")
+    exp.check(base)
+    for key in grid:
+        _get_key(base, key)                  # an unknown key fails here, before any training
+    monitor = ["train.monitor='val'", f"train.eval_every={eval_every}"]
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    runs = {}
+    for point in points:
+        for seed in seeds:
+            runs[_grid_point_name(point, base, nbits, seed)] = exp.cfg(
+                f"nbits={nbits}", f"seed={seed}", *monitor,
+                *[f"{key}={value!r}" for key, value in point.items()])
+    trained = exp.train(runs)
+    rows = []
+    for point in points:
+        names = [_grid_point_name(point, base, nbits, seed) for seed in seeds]
+        logs = [read_log(os.path.join(exp.run_dir(n), "log.jsonl"), trained[n]["run_id"])
+                for n in names]
+        curves = [{r["epoch"]: {int(k): v for k, v in r["val_mAP"].items()}
+                   for r in log if "val_mAP" in r} for log in logs]
+        selected = [trained[n]["selected_epoch"] for n in names]
+        last = max(curves[0])
+        row = {"point": point, "runs": names, "selected_epochs": selected,
+               "val_selected": {k: _mean_std([c[e][k] for c, e in zip(curves, selected)])
+                                for k in SWEEP_K},
+               "val_last": {k: _mean_std_at(curves, last, k) for k in SWEEP_K},
+               "test_selected": {k: _mean_std([trained[n]["test_mAP"][k] for n in names])
+                                 for k in SWEEP_K},
+               "epochs": sorted(curves[0]),
+               "val_curve": {k: [statistics.mean(c[e][k] for c in curves)
+                                 for e in sorted(curves[0])] for k in SWEEP_K},
+               "label_changed": [statistics.mean(r["label_changed"] for r in rows_at)
+                                 for rows_at in zip(*logs)],
+               "label_entropy": [statistics.mean(r["label_entropy"] for r in rows_at)
+                                 for rows_at in zip(*logs)]}
+        # the choice is made on validation only: the mean of val mAP@5, @20 and @100
+        row["val_score"] = statistics.mean(row["val_selected"][k][0] for k in SWEEP_K)
+        rows.append(row)
+    default = next((r for r in rows if all(_get_key(base, k) == v
+                                           for k, v in r["point"].items())), None)
+    chosen = max(rows, key=lambda r: r["val_score"])
+    figure = _sweep_figure(exp, plt, grid, rows, default, chosen, nbits, seeds)
+    header = (list(grid) + [f"val mAP@{k} (selected)" for k in SWEEP_K]
+              + [f"val mAP@{k} (epoch {rows[0]['epochs'][-1]})" for k in SWEEP_K]
+              + [f"test mAP@{k} (selected)" for k in SWEEP_K] + ["val score"])
+    table = [[*r["point"].values()] + [_pm(*r["val_selected"][k]) for k in SWEEP_K]
+             + [_pm(*r["val_last"][k]) for k in SWEEP_K]
+             + [_pm(*r["test_selected"][k]) for k in SWEEP_K]
+             + [f"{r['val_score']:.4f}" + (" (chosen)" if r is chosen else "")
+                + (" (default)" if r is default else "")] for r in rows]
+    text = (f"Sweep: {exp.title(nbits)}, mean ± std over seeds {list(seeds)}, validation "
+            f"monitored every {eval_every} epochs; chosen by the mean of val mAP@5/20/100 at "
+            f"the selected epoch (figure: {figure})\n\n" + markdown(header, table))
+    exp.write({"dataset": exp.dataset, "nbits": nbits, "seeds": list(seeds),
+               "selection": exp.select, "grid": grid, "eval_every": eval_every,
+               "rows": rows, "default": default and default["point"], "chosen": chosen["point"],
+               "figure": figure}, text)
+    return rows
+
+
+def _sweep_figure(exp, plt, grid, rows, default, chosen, nbits, seeds):
+    """Top: val mAP@5 and @100 (selected epoch) against each key, one line per setting of the
+    other keys. Bottom: val mAP over epochs and the label table's drift, default and chosen."""
+    keys = list(grid)
+    fig, axes = plt.subplots(2, max(2, len(keys)), figsize=(5.2 * max(2, len(keys)), 8.4),
+                             squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        others = [k for k in keys if k != key]
+        for setting in sorted({tuple(r["point"][k] for k in others) for r in rows}):
+            line = [r for r in rows if tuple(r["point"][k] for k in others) == setting]
+            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(others, setting))
+            for k, style in ((100, "o-"), (5, "s--")):
+                ax.errorbar([r["point"][key] for r in line],
+                            [r["val_selected"][k][0] for r in line],
+                            yerr=[r["val_selected"][k][1] for r in line], fmt=style,
+                            markersize=4, capsize=2, label=f"mAP@{k}" + (f", {label}" if label
+                                                                          else ""))
+        numeric = all(isinstance(v, (int, float)) and v > 0 for v in grid[key])
+        if numeric:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("val mAP@R at the selected epoch")
+        ax.set_title(f"against {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    curve_ax, drift_ax = axes[1][0], axes[1][1]
+    for row, name in ((default, "default"), (chosen, "chosen")):
+        if row is None:
+            continue
+        where = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["point"].items())
+        for k, style in ((100, "-"), (20, ":"), (5, "--")):
+            curve_ax.plot(row["epochs"], row["val_curve"][k], style,
+                          label=f"{name} ({where}) mAP@{k}")
+        epochs = list(range(1, len(row["label_changed"]) + 1))
+        drift_ax.plot(epochs, row["label_changed"], "-", label=f"{name}: share of changed labels")
+        drift_ax.plot(epochs, row["label_entropy"], "--", label=f"{name}: mean entropy (nats)")
+    curve_ax.set_xlabel("epoch")
+    curve_ax.set_ylabel("val mAP@R (mean over seeds)")
+    curve_ax.set_title("validation mAP over training")
+    drift_ax.set_xlabel("epoch")
+    drift_ax.set_ylabel("label table against the k-means labels")
+    drift_ax.set_title("label-table drift")
+    for ax in (curve_ax, drift_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1][2:]:
+        ax.axis("off")
+    fig.suptitle(f"Sweep on {exp.dataset}, {nbits} bits, selection: {exp.select}, "
+                 f"{_seeds_text(seeds)}; a point is the mean over seeds (bars: std)")
+    fig.tight_layout()
+    return exp.save_figure(fig)
+
+
+def _seeds_text(seeds):
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {list(seeds)}"
+
+
 def _codes(exp, nbits, seed):
     """Query/database codes and labels of S5VH (the main run), ITQ and LSH on the test protocol."""
     cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
@@ -448,6 +615,14 @@ EXPERIMENTS = {
                     "Trains two runs per seed (with and without the center-alignment loss), "
                     "monitoring test mAP every --eval-every epochs without selecting by it, and "
                     "writes convergence.json, convergence.md and convergence.png."),
+    "sweep": ("a grid of config values x seeds, monitored on validation (deep ranks)",
+              "Trains one run per grid point and seed (default --grid "
+              + " ".join(f"{k}={','.join(map(str, v))}" for k, v in SWEEP_GRID.items())
+              + " with seeds 1 2 3: 24 runs, trained together), each monitoring validation "
+              "mAP every --eval-every epochs and logging the label table's drift, and writes "
+              "sweep.json, sweep.md and sweep.png: mAP@5/20/100 at the selected and the last "
+              "epoch and on the test queries, and the point with the best mean of validation "
+              "mAP@5/20/100 (never chosen by test)."),
     "curves": ("Figures 3 and 4: mAP@N and precision-recall by Hamming radius",
                "Uses the main table's run of the code length and seed (trained if missing: 1 "
                "run), fits ITQ and LSH, and writes curves.json, curves.md and curves.png."),
@@ -471,8 +646,8 @@ def parse_args(argv=None):
                         help="code lengths (main: default 16 32 64; the others use the first, "
                              "default the config's nbits)")
     common.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="seeds (main: default 1 2 3; curves, tsne, transfer use the first; "
-                             "the others: default 1)")
+                        help="seeds (main, sweep: default 1 2 3; curves, tsne, transfer use the "
+                             "first; the others: default 1)")
     common.add_argument("--out", default=None,
                         help="output folder for the tables, figures and runs/ (default "
                              "work_dirs/paper/<dataset>)")
@@ -495,9 +670,14 @@ def parse_args(argv=None):
         else:
             one.add_argument("--config", required=True,
                              help="config of the data set, e.g. configs/S5VH/ucf.py")
-        if name == "convergence":
+        if name in ("convergence", "sweep"):
             one.add_argument("--eval-every", type=int, default=10,
                              help="epochs between the monitored evaluations (default 10)")
+        if name == "sweep":
+            one.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2",
+                             help="the config keys and values to cross (default "
+                                  + " ".join(f"{k}={','.join(map(str, v))}"
+                                             for k, v in SWEEP_GRID.items()) + ")")
         if name == "curves":
             one.add_argument("--top-n", type=int, nargs=3, default=[5, 100, 5],
                              metavar=("FIRST", "LAST", "STEP"),
@@ -521,9 +701,9 @@ def main(argv=None):
             check_distinct(values, option)
     exp = Experiment(args.experiment, args.target if transfer else args.config,
                      args.cfg_options, args.out, args.concurrent, not args.no_progress)
-    main_run = args.experiment == "main"
-    bits = args.bits or ([16, 32, 64] if main_run else [exp.cfg().nbits])
-    seeds = args.seeds or ([1, 2, 3] if main_run else [1])
+    several_seeds = args.experiment in ("main", "sweep")
+    bits = args.bits or ([16, 32, 64] if args.experiment == "main" else [exp.cfg().nbits])
+    seeds = args.seeds or ([1, 2, 3] if several_seeds else [1])
     if args.bits:
         check_code_lengths(bits)
     if args.experiment == "main":
@@ -536,6 +716,9 @@ def main(argv=None):
         return run_transfer(exp, args.source, args.target, bits[0], seeds[0])
     if args.experiment == "convergence":
         return run_convergence(exp, bits[0], seeds, args.eval_every)
+    if args.experiment == "sweep":
+        grid = parse_grid(args.grid) if args.grid else SWEEP_GRID
+        return run_sweep(exp, bits[0], seeds, grid, args.eval_every)
     if args.experiment == "curves":
         return run_curves(exp, bits[0], seeds[0], range(first, last + 1, step))
     return run_tsne(exp, bits[0], seeds[0])

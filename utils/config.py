@@ -329,6 +329,7 @@ CHOICES = {
     "train.resident_dtype": ("float32", "bfloat16", "float16"),
     "train.select": ("last", "val", "test"),
     "train.monitor": ("none", "val", "test"),
+    "train.negatives": ("all", "other_clusters"),
 }
 
 # Longest code any command accepts (hash centers need a B x B solve per center).

@@ -98,6 +98,7 @@ train = dict(
     warm_up_epoch=50,
     smoothing_beta=0.01,       # beta: rate of the label-smoothing update (the release: smoothing_alpha)
     trainable_centers=False,   # True: the release's random trainable bias-free classifier
+    negatives="all",           # all | other_clusters: leave the anchor's own cluster out of its negatives
     device="auto",             # auto | cpu | cuda
     amp=True,                  # bf16 autocast on CUDA (ignored on CPU); mAP within seed noise of float32
     resident_dtype="float32",  # dtype of the training features kept on the device (bfloat16 halves it)
