@@ -396,7 +396,9 @@ def profile_step(steps=5, two_streams=False):
     return table
 
 
-def plot_frames(report, path):
+def frames_figure(report):
+    """Inference time and peak memory against M, one line per encoder; where an encoder ran out
+    of memory its last point is crossed and the legend says at which M."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -422,10 +424,10 @@ def plot_frames(report, path):
         ax.legend(fontsize=8)
     batch = rows[0]["batch"] if rows else "?"
     fig.suptitle(f"Encoder inference (small: d=256, 6 layers, 64 bits, batch {batch} videos, "
-                 f"bf16) on {report['device']}; a point is the best of 3 timed batches")
+                 f"bf16) on {report['device']}; a point is the best of 3 timed batches",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None):
@@ -467,7 +469,7 @@ def main(argv=None):
         report["eval"] = bench_eval()
     if "frames" in args.parts:
         report["frames"] = bench_frames(args.frames, args.frames_batch)
-        plot_frames(report, os.path.join(args.out, "encoder_vs_frames.png"))
+        frames_figure(report).savefig(os.path.join(args.out, "encoder_vs_frames.png"), dpi=120)
     if "profile" in args.parts:
         report["profile"] = {"one stream": profile_step(),
                              "two streams": profile_step(two_streams=True)}

@@ -16,6 +16,7 @@ the selection rule. Runs of variants that change preprocessing write their hash 
 their own file names, so each regenerates only what it changes.
 """
 import argparse
+import collections
 import os
 import statistics
 
@@ -297,9 +298,6 @@ CONVERGENCE_K = (5, 20, 100)
 
 def run_convergence(exp, nbits, seeds, eval_every):
     """Test mAP@5/20/100 against epoch with and without L_CA (monitoring, not selection)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     exp.check(exp.cfg(f"nbits={nbits}"))
     monitor = ["train.monitor='test'", f"train.eval_every={eval_every}"]
     variants = (("with_ca", "with L_CA", []),
@@ -320,18 +318,10 @@ def run_convergence(exp, nbits, seeds, eval_every):
         curves[name] = {"label": label, "epochs": epochs,
                         "mAP": {k: [statistics.mean(s[e][k] for s in per_seed) for e in epochs]
                                 for k in CONVERGENCE_K}}
-    fig, axes = plt.subplots(1, len(CONVERGENCE_K), figsize=(13, 3.8))
-    for ax, k in zip(axes, CONVERGENCE_K):
-        for curve in curves.values():
-            ax.plot(curve["epochs"], curve["mAP"][k], "o-", markersize=3, label=curve["label"])
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"test mAP@{k}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"Convergence: {exp.title(nbits)} (runs monitored, not selected), "
-                 f"mean over seeds {list(seeds)}")
-    fig.tight_layout()
-    figure = exp.save_figure(fig)
+    figure = exp.save_figure(convergence_figure(
+        curves, f"Convergence: {exp.title(nbits)}, {_seeds_text(seeds)}; a point is the test "
+                f"mAP of the model at that epoch (monitored every {eval_every} epochs, not "
+                f"selected)"))
     rows = [[c["label"], e] + [f"{c['mAP'][k][i]:.4f}" for k in CONVERGENCE_K]
             for c in curves.values() for i, e in enumerate(c["epochs"])]
     text = (f"Convergence: {exp.title(nbits)}, test mAP@R every {eval_every} epochs\n\n"
@@ -387,9 +377,6 @@ def run_sweep(exp, nbits, seeds, grid, eval_every):
     """A grid of config values x seeds, monitored on the validation split: which setting keeps
     the deep ranks (mAP@20/100) without giving up the first (mAP@5)."""
     import itertools
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     base = exp.cfg(f"nbits={nbits}")
     exp.check(base)
     for key in grid:
@@ -431,7 +418,10 @@ def run_sweep(exp, nbits, seeds, grid, eval_every):
     default = next((r for r in rows if all(_get_key(base, k) == v
                                            for k, v in r["point"].items())), None)
     chosen = max(rows, key=lambda r: r["val_score"])
-    figure = _sweep_figure(exp, plt, grid, rows, default, chosen, nbits, seeds)
+    figure = exp.save_figure(sweep_figure(
+        grid, rows, default, chosen, f"Sweep on {exp.dataset}, {nbits} bits, selection: "
+                                     f"{exp.select}, {_seeds_text(seeds)}; a point is the mean "
+                                     f"over seeds (bars: std)"))
     header = (list(grid) + [f"val mAP@{k} (selected)" for k in SWEEP_K]
               + [f"val mAP@{k} (epoch {rows[0]['epochs'][-1]})" for k in SWEEP_K]
               + [f"test mAP@{k} (selected)" for k in SWEEP_K] + ["val score"])
@@ -450,9 +440,10 @@ def run_sweep(exp, nbits, seeds, grid, eval_every):
     return rows
 
 
-def _sweep_figure(exp, plt, grid, rows, default, chosen, nbits, seeds):
+def sweep_figure(grid, rows, default, chosen, title):
     """Top: val mAP@5 and @100 (selected epoch) against each key, one line per setting of the
     other keys. Bottom: val mAP over epochs and the label table's drift, default and chosen."""
+    plt = _pyplot()
     keys = list(grid)
     fig, axes = plt.subplots(2, max(2, len(keys)), figsize=(5.2 * max(2, len(keys)), 8.4),
                              squeeze=False)
@@ -498,14 +489,92 @@ def _sweep_figure(exp, plt, grid, rows, default, chosen, nbits, seeds):
         ax.legend(fontsize=7)
     for ax in axes[1][2:]:
         ax.axis("off")
-    fig.suptitle(f"Sweep on {exp.dataset}, {nbits} bits, selection: {exp.select}, "
-                 f"{_seeds_text(seeds)}; a point is the mean over seeds (bars: std)")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return exp.save_figure(fig)
+    return fig
 
 
 def _seeds_text(seeds):
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {list(seeds)}"
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def convergence_figure(curves, title):
+    """One panel per R of CONVERGENCE_K: test mAP@R against epoch for each curve
+    {'label', 'epochs', 'mAP': {R: [...]}}."""
+    from matplotlib.ticker import MaxNLocator
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CONVERGENCE_K), figsize=(13, 4))
+    for ax, k in zip(axes, CONVERGENCE_K):
+        for curve in curves.values():
+            ax.plot(curve["epochs"], curve["mAP"][k], "o-", markersize=3, label=curve["label"])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"test mAP@{k}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(curves, title):
+    """mAP@N against N, and precision against recall of Hamming balls of radius 0..B, for each
+    method's curves {'N', 'mAP', 'precision', 'recall'}."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for method, curve in curves.items():
+        left.plot(curve["N"], curve["mAP"], "o-", markersize=3, label=method)
+        right.plot(curve["recall"], curve["precision"], "o-", markersize=3, label=method)
+    left.set_xlabel("N (videos retrieved)")
+    left.set_ylabel("test mAP@N")
+    left.set_title("mAP@N (a point: mAP over the queries at N)")
+    right.set_xlabel("recall (Hamming ball of radius 0..B around each query)")
+    right.set_ylabel("precision")
+    right.set_title("precision-recall (a point: one radius)")
+    right.annotate("radius B retrieves the whole database:\nrecall 1, precision = the share "
+                   "of relevant videos", xy=(1.0, min(c["precision"][-1] for c in curves.values())),
+                   xytext=(0.35, 0.15), textcoords="axes fraction", fontsize=7,
+                   arrowprops={"arrowstyle": "->", "lw": 0.7})
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def tsne_figure(points, classes, title):
+    """One panel per method: the t-SNE position of every query's code, coloured by class, the
+    marker's area growing with the number of queries whose codes are identical."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(points), figsize=(5.5 * len(points), 5.2), squeeze=False)
+    classes = np.asarray(classes)
+    shown = sorted(set(classes.tolist()))
+    for ax, (method, (embedded, codes)) in zip(axes[0], points.items()):
+        embedded, codes = np.asarray(embedded), np.asarray(codes)
+        keys = [bytes(code) for code in (codes > 0).astype(np.uint8)]
+        count_of = collections.Counter(keys)
+        multiplicity = np.array([count_of[key] for key in keys])
+        for c in shown:
+            rows = classes == c
+            ax.scatter(*embedded[rows].T, s=8 * multiplicity[rows], alpha=0.6,
+                       label=f"class {c}")
+        ax.set_title(f"{method}: {len(count_of)} distinct codes of {len(codes)} queries")
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
+        ax.legend(fontsize=7, markerscale=1, loc="best", title="query class",
+                  title_fontsize=7)
+    fig.suptitle(title + "\na point is a query's code; its area grows with the number of "
+                         "queries that share that code exactly", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def _codes(exp, nbits, seed):
@@ -525,29 +594,14 @@ def _codes(exp, nbits, seed):
 
 def run_curves(exp, nbits, seed, top_n):
     """mAP@N for N in `top_n` and precision-recall by Hamming radius (Figures 3 and 4)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     codes, db_labels, query_labels = _codes(exp, nbits, seed)
     curves = {}
     for method, (db, query) in codes.items():
         maps = retrieval_metrics(query, db, query_labels, db_labels, topk=tuple(top_n))["mAP"]
         pr = precision_recall_by_radius(query, db, query_labels, db_labels)
         curves[method] = {"N": list(top_n), "mAP": [maps[n] for n in top_n], **pr}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, curve in curves.items():
-        left.plot(curve["N"], curve["mAP"], "o-", markersize=3, label=method)
-        right.plot(curve["recall"], curve["precision"], "o-", markersize=3, label=method)
-    left.set_xlabel("N (retrieved videos)")
-    left.set_ylabel("test mAP@N")
-    right.set_xlabel("recall (Hamming ball of radius 0..B)")
-    right.set_ylabel("precision")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{exp.title(nbits)}, seed {seed}")
-    fig.tight_layout()
-    figure = exp.save_figure(fig)
+    figure = exp.save_figure(curves_figure(curves, f"Test retrieval: {exp.title(nbits)}, "
+                                                   f"seed {seed}, {len(query_labels)} queries"))
     marks = [n for n in top_n if n in (5, 20, 40, 60, 80, 100)] or list(top_n)[:6]
     rows = [[m] + [f"{c['mAP'][c['N'].index(n)]:.4f}" for n in marks] for m, c in curves.items()]
     text = (f"mAP@N and precision-recall: {exp.title(nbits)}, seed {seed} (figure: {figure})\n\n"
@@ -559,36 +613,26 @@ def run_curves(exp, nbits, seed, top_n):
 
 def run_tsne(exp, nbits, seed):
     """t-SNE of the query codes of the first classes, S5VH beside ITQ (Figure 5)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
     codes, _, query_labels = _codes(exp, nbits, seed)
     classes = query_labels.argmax(1)
     keep = classes < TSNE_CLASSES
     shown = sorted(set(classes[keep].tolist()))
     points = {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, method in zip(axes, ("S5VH", "ITQ")):
+    for method in ("S5VH", "ITQ"):
         query = codes[method][1][keep]
         embedded = TSNE(n_components=2, perplexity=min(30.0, len(query) - 1.0), init="pca",
                         random_state=seed).fit_transform(query.astype(np.float32))
-        points[method] = embedded.tolist()
-        for c in shown:
-            ax.scatter(*embedded[classes[keep] == c].T, s=8, label=f"class {c}")
-        ax.set_title(method)
-        ax.set_xlabel("t-SNE 1")
-        ax.set_ylabel("t-SNE 2")
-    axes[1].legend(fontsize=7, markerscale=2, loc="best")
-    fig.suptitle(f"Query codes of classes {shown[0]}..{shown[-1]}: {exp.title(nbits)}, "
-                 f"seed {seed}")
-    fig.tight_layout()
-    figure = exp.save_figure(fig)
+        points[method] = (embedded.tolist(), query.tolist())
+    figure = exp.save_figure(tsne_figure(
+        points, classes[keep], f"t-SNE of the query codes of classes {shown[0]}..{shown[-1]}: "
+                               f"{exp.title(nbits)}, seed {seed}"))
     text = (f"t-SNE of {int(keep.sum())} query codes ({len(shown)} classes): "
             f"{exp.title(nbits)}, seed {seed}; figure: {figure}")
+    embedded = {method: positions for method, (positions, _) in points.items()}
     exp.write({"dataset": exp.dataset, "nbits": nbits, "seed": seed, "selection": exp.select,
-               "classes": classes[keep].tolist(), "points": points, "figure": figure}, text)
-    return points
+               "classes": classes[keep].tolist(), "points": embedded, "figure": figure}, text)
+    return embedded
 
 
 # experiment -> (one-line summary, what it trains and writes)
