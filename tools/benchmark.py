@@ -10,13 +10,13 @@ train: videos/s of the plain step and of each optimisation added in turn, on res
   (warm-up; smoothing, when the pseudo-label pass runs), with the ratio to the plain step
   measured in the same run. The plain step is composed here from library parts: features on the
   host, the two views one after the other, AdamW without the fused kernel, mamba_ssm's scan.
-runs: (1) whole runs: a synthetic data set of UCF101's size is written once to --data; one run
+runs: whole runs. A synthetic data set of UCF101's size is written once to --data; one run
   alone, then nine (16/32/64 bits x seeds 1-3) trained together, each for --epochs epochs with
   the warm-up scaled as in 350 (50 of 350): wall time from the call to the results, the training
   steps' share (steps x the step time measured by `train` in the same run), aggregate videos/s,
   peak GPU memory, and each set-up phase. 350-epoch figures are extrapolated from these (the
-  set-up once, the epochs linearly). With --ucf-dev CONFIG, one full run of that config too.
-  (2) the two routes for several runs on one GPU, step for step: R runs' captured steps on R
+  set-up once, the epochs linearly). With --ucf-dev CONFIG, one full 350-epoch run of it too.
+routes: the two routes for several runs on one GPU, step for step: R runs' captured steps on R
   streams in turn (the route train.py takes), against one model with an R times larger batch,
   the most that stacking R same-shaped models into one batched model could reach.
 eval: encode + rank + mAP@100 for the UCF protocol and FCVID all-vs-all, features in memory.
@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -179,11 +180,14 @@ def _rates(steps, models, features, phase_steps, batch, warmup_steps=5):
     return rates
 
 
-def bench_training(videos, steps):
+def bench_training(videos, steps, rungs=None):
+    """The ladder's rungs (all, or the names in `rungs`; the plain one is always measured)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     features, centers, labels = _synthetic(videos, ucf_config(), gen)
     rows = []
     for name, opts in LADDER:
+        if rungs is not None and name != "plain" and name not in rungs:
+            continue
         step, model = make_step(opts, features, centers, labels)
         rates = _rates([step], [model], features, steps, 128)
         rows.append({"step": name, **opts.__dict__,
@@ -237,30 +241,55 @@ def synthetic_ucf(data_root):
     return folder
 
 
-def _run_figures(results, wall, videos, epochs, step_rates, warm_up):
-    """Wall time, the steps' share of it, and the 350-epoch extrapolation of a group of runs."""
-    per_epoch_steps = sum(videos / step_rates["warm_up" if e < warm_up else "smoothing"]
-                          for e in range(epochs)) * len(results)
+def _run_figures(results, run_dirs, wall, videos, epochs, step_rates, warm_up):
+    """Wall time, the steps' share of it, and the 350-epoch extrapolation of a group of runs:
+    set-up, first epoch (compilation, capture) and the rest after the last epoch once, the
+    steady epochs (the median of the first run's logged epochs) scaled to 350."""
+    steps_s = sum(videos / step_rates["warm_up" if e < warm_up else "smoothing"]
+                  for e in range(epochs)) * len(results)
     setup = sum(sum(v for k, v in r["timing"].items() if k != "first epoch") for r in results)
-    epochs_wall = wall - setup
+    log = [json.loads(line) for line in open(os.path.join(run_dirs[0], "log.jsonl"))]
+    seconds = [r["train_seconds"] for r in log]
+    steady = statistics.median(seconds[1:-1] or seconds)
+    rest = wall - setup - sum(seconds)
     out = {"runs": len(results), "epochs": epochs, "wall_s": round(wall, 2),
-           "setup_s": round(setup, 2), "steps_s": round(per_epoch_steps, 2),
-           "wall_over_steps": round(wall / per_epoch_steps, 3),
+           "setup_s": round(setup, 2), "first_epoch_s": round(seconds[0], 2),
+           "steady_epoch_s": round(steady, 4), "after_last_epoch_s": round(rest, 2),
+           "steps_s": round(steps_s, 2), "wall_over_steps": round(wall / steps_s, 3),
            "aggregate_videos_per_s": round(len(results) * videos * epochs / wall, 1),
            "timing": [r["timing"] for r in results]}
     scale = 350 / epochs
-    out["estimated_350_epochs"] = {"wall_s": round(setup + epochs_wall * scale, 1),
-                                   "steps_s": round(per_epoch_steps * scale, 1)}
-    out["estimated_350_epochs"]["wall_over_steps"] = round(
-        out["estimated_350_epochs"]["wall_s"] / out["estimated_350_epochs"]["steps_s"], 3)
+    wall_350 = setup + seconds[0] + steady * 349 + rest
+    out["estimated_350_epochs"] = {"wall_s": round(wall_350, 1),
+                                   "steps_s": round(steps_s * scale, 1),
+                                   "wall_over_steps": round(wall_350 / (steps_s * scale), 3)}
     return out
 
 
-def bench_runs(data_root, work_dir, epochs, step_rates, ucf_dev=None):
+def bench_runs(data_root, work_dir, epochs, step_rates, ucf_dev=None, synthetic=True,
+               options=()):
+    """Whole runs: on the synthetic UCF-size set one alone, then nine together (`synthetic`);
+    one full run of the `ucf_dev` config. `options`: --cfg-options of every run."""
+    report = {}
+    if synthetic:
+        report.update(_synthetic_runs(data_root, work_dir, epochs, step_rates, options))
+    if ucf_dev:
+        cfg = build_config(ucf_dev, ["train.num_epochs=350", *options])
+        start = time.perf_counter()
+        run_dir = os.path.join(work_dir, "ucf_dev")
+        results = train_runs([Job(cfg, run_dir, replace=True)], progress=False)
+        wall = time.perf_counter() - start
+        report["ucf_dev"] = _run_figures(results, [run_dir], wall, len(_train_rows(cfg)), 350,
+                                         step_rates, cfg.train.warm_up_epoch)
+        print(json.dumps({"ucf_dev": report["ucf_dev"]}), flush=True)
+    return report
+
+
+def _synthetic_runs(data_root, work_dir, epochs, step_rates, options):
     synthetic_ucf(data_root)
     warm_up = max(1, round(epochs * 50 / 350))
     base = [f"data_root={data_root!r}", f"train.num_epochs={epochs}",
-            f"train.warm_up_epoch={warm_up}"]
+            f"train.warm_up_epoch={warm_up}", *options]
     report = {}
     for name, grid in (("one run", [(64, 1)]),
                        ("nine runs", [(b, s) for b in (16, 32, 64) for s in (1, 2, 3)])):
@@ -272,21 +301,13 @@ def bench_runs(data_root, work_dir, epochs, step_rates, ucf_dev=None):
         results = train_runs(jobs, progress=False)
         wall = time.perf_counter() - start
         videos = len(_train_rows(jobs[0].cfg))
-        report[name] = _run_figures(results, wall, videos, epochs, step_rates, warm_up)
+        report[name] = _run_figures(results, [job.run_dir for job in jobs], wall, videos,
+                                    epochs, step_rates, warm_up)
         report[name]["peak_gib"] = peak_gib()
         print(json.dumps({name: report[name]}), flush=True)
     one, nine = report["one run"], report["nine runs"]
     report["nine_over_one_throughput"] = round(nine["aggregate_videos_per_s"]
                                                / one["aggregate_videos_per_s"], 2)
-    if ucf_dev:
-        cfg = build_config(ucf_dev, ["train.num_epochs=350"])
-        start = time.perf_counter()
-        results = train_runs([Job(cfg, os.path.join(work_dir, "ucf_dev"), replace=True)],
-                             progress=False)
-        wall = time.perf_counter() - start
-        report["ucf_dev"] = _run_figures(results, wall, len(_train_rows(cfg)), 350, step_rates,
-                                         cfg.train.warm_up_epoch)
-        print(json.dumps({"ucf_dev": report["ucf_dev"]}), flush=True)
     return report
 
 
@@ -436,7 +457,13 @@ def main(argv=None):
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["train", "runs", "eval", "frames"],
-                        choices=["train", "runs", "eval", "frames", "profile"])
+                        choices=["train", "routes", "runs", "eval", "frames", "profile"])
+    parser.add_argument("--rungs", nargs="+", default=None, metavar="NAME",
+                        help="train: only these rungs of the ladder (and the plain step)")
+    parser.add_argument("--no-synthetic", action="store_true",
+                        help="runs: skip the synthetic UCF-size runs (with --ucf-dev)")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="runs: override keys of every run (e.g. model.two_streams=True)")
     parser.add_argument("--videos", type=int, default=9537,
                         help="videos of the synthetic resident set for train and routes")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per phase")
@@ -460,11 +487,16 @@ def main(argv=None):
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "python -m tools.benchmark " + " ".join(argv or [])}
     if "train" in args.parts or "runs" in args.parts:
-        report["train"] = bench_training(args.videos, args.steps)
-    if "runs" in args.parts:
-        rates = next(r["videos_per_s"] for r in report["train"] if r["step"] == DEFAULT_RUNG)
+        report["train"] = bench_training(args.videos, args.steps, args.rungs)
+    if "routes" in args.parts:
         report["routes"] = bench_routes(args.videos, args.steps, args.routes)
-        report["runs"] = bench_runs(args.data, args.work_dir, args.epochs, rates, args.ucf_dev)
+    if "runs" in args.parts:
+        # the step time the runs are compared with: the rung their config trains with
+        rung = "+ directions on two streams" if "model.two_streams=True" in args.cfg_options \
+            else DEFAULT_RUNG
+        rates = next(r["videos_per_s"] for r in report["train"] if r["step"] == rung)
+        report["runs"] = bench_runs(args.data, args.work_dir, args.epochs, rates, args.ucf_dev,
+                                    not args.no_synthetic, args.cfg_options)
     if "eval" in args.parts:
         report["eval"] = bench_eval()
     if "frames" in args.parts:
@@ -473,7 +505,7 @@ def main(argv=None):
     if "profile" in args.parts:
         report["profile"] = {"one stream": profile_step(),
                              "two streams": profile_step(two_streams=True)}
-    name = "benchmark_" + "_".join(args.parts) + ".json"
+    name = "benchmark_" + "_".join(args.parts) + ("_ucf_dev" if args.ucf_dev else "") + ".json"
     write_json(os.path.join(args.out, name), report)
     return report
 
