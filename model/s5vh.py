@@ -95,14 +95,16 @@ class BidirectionalLayer(nn.Module):
 
 class SideStream:
     """One second CUDA stream per model and device, shared by its layers (which run one after
-    the other), made when first needed."""
+    the other), made when first needed. It comes from torch's pool of high-priority streams, so
+    it is never the stream of a run (those come from the default-priority pool): work captured
+    on it keeps per-stream state (cuBLAS workspaces) no other run touches."""
 
     def __init__(self):
         self._streams = {}
 
     def stream(self, device):
         if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
+            self._streams[device] = torch.cuda.Stream(device, priority=-1)
         return self._streams[device]
 
 

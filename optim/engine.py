@@ -153,7 +153,10 @@ class TrainStep:
                                                    inputs.path_noise)))
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph, pool=self.pool):
+        # captured on the run's own stream: a capture stream taken from torch's pool of streams
+        # can be another run's stream, and the cuBLAS workspace made for it during the capture
+        # (kept per stream, in this graph's memory) would then be shared by two runs at once
+        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream()):
             outputs = self._eager(static, smoothing_beta)
         self.pool = graph.pool()
         return graph, static, outputs

@@ -156,8 +156,6 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None):
         sets["val"] = RetrievalSet("val", *validation_sets(cfg, t.val_fraction, cfg.seed), videos,
                                    features)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream(device))   # the set-up's work comes first
     clock.lap("model and evaluation sets")
     return Run(cfg, run_dir, device, model, criterion, optimizer, label_table, step,
                sets["test"], sets.get(t.select), sets.get(t.monitor), len(videos), run_id,
@@ -514,6 +512,8 @@ def _set_up(opened, shared, several):
         run.prefix = f"[{os.path.basename(os.path.normpath(job.run_dir))}] "
     if job.record is not None:
         resume(run, opened.state, opened.records)
+    if run.stream is not None:      # the set-up's work (a resume's copies too) comes first
+        run.stream.wait_stream(torch.cuda.current_stream(run.device))
     return run
 
 
