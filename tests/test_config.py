@@ -245,3 +245,13 @@ def test_command_line_lists_are_checked():
             check_code_lengths([bad])
     with pytest.raises(ConfigError, match="--seeds lists 1 more than once"):
         check_distinct([1, 1], "--seeds")
+
+
+def test_the_deep_ranks_recipe_changes_only_its_two_keys():
+    from utils.config import plain_config
+    recipe = plain_config(build_config(os.path.join(CONFIGS, "recipes", "deep_ranks.py")))
+    base = plain_config(build_config(os.path.join(CONFIGS, "ucf_dev.py")))
+    assert recipe["train"].pop("a_cluster") == 1.0 and base["train"].pop("a_cluster") == 0.1
+    assert recipe["train"].pop("smoothing_beta") == 0.0
+    base["train"].pop("smoothing_beta")
+    assert recipe == base
