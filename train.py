@@ -15,16 +15,23 @@ examples:
 
 Ctrl-C (or SIGTERM) finishes the epoch in progress, saves every run and prints the --resume
 command; a second Ctrl-C stops at once (each run then continues from its last save).
+
+One run over several processes (data parallel; NCCL between GPUs, gloo on CPUs), the global
+batch split between them and the result that of one process within float rounding:
+  torchrun --nproc-per-node 2 train.py --config configs/S5VH/fcv.py
 """
 import argparse
 
 from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
 from inference.evaluate import evaluate_baselines, format_table
+from optim.distributed import check_batch, from_environment
+from optim.distributed import close as close_process_group
 from optim.run_dir import check_fresh, check_run_inputs, read_run_config
 from optim.runner import Job, train_runs
 from utils.cli import run_cli
 from utils.config import MAX_BITS, build_config, check_distinct
+from utils.device import resolve_device
 from utils.errors import UserError
 from utils.log import get_logger
 
@@ -97,15 +104,33 @@ def jobs_to_do(args):
 def main(argv=None):
     args = parse_args(argv)
     jobs = jobs_to_do(args)
+    t = jobs[0].cfg.train
+    shard = from_environment(resolve_device(t.device), t.process_timeout)
+    try:
+        return _train(args, jobs, shard)
+    finally:
+        close_process_group()
+
+
+def _train(args, jobs, shard):
     bits = sorted({job.cfg.nbits for job in jobs})
     for job in jobs:                            # every check before any work
-        ensure_demo_data(job.cfg)
+        if shard is not None:
+            check_batch(shard, job.cfg.train.batch_size)
+            if job.cfg.train.trainable_centers:
+                raise UserError("train.trainable_centers cannot be trained by several "
+                                "processes (its classifier lives outside the model DDP wraps)")
+        ensure_demo_data(job.cfg)               # written atomically: processes may race
         check_inputs(job.cfg, baseline_bits=bits if "itq" in args.compare else ())
         if job.record is None:
-            check_fresh(job.run_dir, job.replace)
+            if shard is None or shard.writes:
+                check_fresh(job.run_dir, job.replace)
         else:
             check_run_inputs(job.cfg, job.record)
-    results = train_runs(jobs, progress=not args.no_progress, concurrent=args.concurrent)
+    results = train_runs(jobs, progress=not args.no_progress, concurrent=args.concurrent,
+                         shard=shard)
+    if shard is not None and not shard.writes:
+        return None
     several_seeds = len({job.cfg.seed for job in jobs}) > 1
     rows = []
     for job, result in zip(jobs, results):

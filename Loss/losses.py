@@ -81,19 +81,27 @@ class S5VHLoss(nn.Module):
         self.temperature, self.tau_plus = train_cfg["temperature"], train_cfg["tau_plus"]
         self.other_cluster_negatives = train_cfg["negatives"] == "other_clusters"
 
-    def forward(self, outputs, targets, soft_labels):
+    def forward(self, outputs, targets, soft_labels, gather=None, weight=1.0):
         """outputs: the model's dict for 2b rows (view 1, then view 2); targets: (2b, m, D) masked
-        features; soft_labels: (b, K). Returns (total, {'rec', 'con', 'ca'})."""
+        features; soft_labels: (b, K). Returns (total, {'rec', 'con', 'ca'}).
+
+        With several processes (optim.distributed) these are one process's rows: `gather`
+        gives every process's rows (the contrastive loss sees the negatives of the whole
+        batch) and `weight` scales the row-averaged losses by this process's share."""
         b = soft_labels.shape[0]
         pred, code = outputs["reconstruction"], outputs["video_code"]
-        rec = reconstruction_loss(pred[:b], targets[:b]) + reconstruction_loss(pred[b:], targets[b:])
+        rec = weight * (reconstruction_loss(pred[:b], targets[:b])
+                        + reconstruction_loss(pred[b:], targets[b:]))
         # the pseudo-label of a video: the argmax of its (soft) label row
         clusters = soft_labels.argmax(1) if self.other_cluster_negatives else None
-        con = debiased_contrastive_loss(code[:b], code[b:], self.temperature, self.tau_plus,
-                                        clusters)
+        views = (code[:b], code[b:])
+        if gather is not None:
+            views = tuple(map(gather, views))
+            clusters = None if clusters is None else gather(clusters)
+        con = debiased_contrastive_loss(*views, self.temperature, self.tau_plus, clusters)
         logits = self.center_logits(code)
-        ca = 0.5 * (soft_cross_entropy(logits[:b], soft_labels)
-                    + soft_cross_entropy(logits[b:], soft_labels))
+        ca = weight * 0.5 * (soft_cross_entropy(logits[:b], soft_labels)
+                             + soft_cross_entropy(logits[b:], soft_labels))
         total = self.a_rec * rec + self.alpha * con + self.a_cluster * ca
         return total, {"rec": rec.detach(), "con": con.detach(), "ca": ca.detach()}
 

@@ -17,6 +17,7 @@ import torch
 
 from inference.encode import autocast
 from model.s5vh import gather_frames
+from optim.distributed import gather_rows
 
 
 def epoch_generator(seed, epoch, device):
@@ -48,6 +49,14 @@ class StepInputs:
     masked: torch.Tensor
     path_noise: torch.Tensor
 
+    def rows(self, part):
+        """The inputs of the videos `part` (a slice of the b): their rows in both views."""
+        b = len(self.index)
+        views = torch.cat([torch.arange(b)[part], b + torch.arange(b)[part]]).to(
+            self.visible.device)
+        return StepInputs(self.index[part], self.visible[views], self.masked[views],
+                          self.path_noise[:, views])
+
 
 def draw_step_inputs(index, frames, mask_ratio, depth, generator):
     """The random inputs of the step on the videos `index`, from the epoch's generator."""
@@ -68,11 +77,15 @@ def full_view_logits(model, criterion, x, amp=False):
     return criterion.center_logits(code.float())
 
 
-def training_loss(model, criterion, x, inputs, label_table, smoothing_beta, amp=False):
+def training_loss(model, criterion, x, inputs, label_table, smoothing_beta, amp=False,
+                  shard=None, count=None):
     """Loss of one batch: x (b, M, D) features of the videos `inputs.index`. smoothing_beta:
     beta, or None during warm-up. Both views go through the model as one batch of 2b rows; with
-    amp the model runs in bf16 autocast and the losses in float32.
+    amp the model runs in bf16 autocast and the losses in float32. With `shard` (several
+    processes, optim.distributed) these are this process's rows of a global batch of `count`
+    videos, and `model` is the DistributedDataParallel wrapper.
     Returns (loss, {'rec', 'con', 'ca'})."""
+    bare = getattr(model, "module", model)
     both = torch.cat([x, x])
     with autocast(x.device, amp):
         outputs = model(both, inputs.visible, inputs.masked, inputs.path_noise)
@@ -82,15 +95,23 @@ def training_loss(model, criterion, x, inputs, label_table, smoothing_beta, amp=
         soft_labels = label_table[inputs.index]
     else:
         soft_labels = label_table.update(inputs.index,
-                                         full_view_logits(model, criterion, x, amp),
+                                         full_view_logits(bare, criterion, x, amp),
                                          smoothing_beta)
-    return criterion(outputs, targets, soft_labels)
+    if shard is None:
+        return criterion(outputs, targets, soft_labels)
+    sizes = shard.sizes(count)
+    if smoothing_beta is not None:        # every process's table takes every process's rows
+        label_table.table[gather_rows(inputs.index, sizes)] = gather_rows(soft_labels, sizes)
+    return criterion(outputs, targets, soft_labels, lambda rows: gather_rows(rows, sizes),
+                     shard.weight(count))
 
 
-def train_step(model, criterion, optimizer, x, inputs, label_table, smoothing_beta, amp=False):
+def train_step(model, criterion, optimizer, x, inputs, label_table, smoothing_beta, amp=False,
+               shard=None, count=None):
     """One optimisation step on a batch: loss, backward, AdamW step. Returns (loss, parts) as
     device tensors."""
-    loss, parts = training_loss(model, criterion, x, inputs, label_table, smoothing_beta, amp)
+    loss, parts = training_loss(model, criterion, x, inputs, label_table, smoothing_beta, amp,
+                                shard, count)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -114,24 +135,26 @@ class TrainStep:
     EAGER_STEPS_BEFORE_CAPTURE = 3
 
     def __init__(self, model, criterion, optimizer, features, label_table, batch_size,
-                 amp=False, cuda_graphs=False):
+                 amp=False, cuda_graphs=False, shard=None, train_model=None):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.train_model = train_model or model          # the DDP wrapper with a shard
         self.features, self.label_table, self.amp = features, label_table, amp
-        self.batch_size = batch_size
-        self.use_graphs = cuda_graphs and features.is_cuda
+        self.batch_size, self.shard = batch_size, shard
+        self.use_graphs = cuda_graphs and features.is_cuda and shard is None
         self.graphs, self.eager_counts, self.pool = {}, {}, None
 
-    def _eager(self, inputs, smoothing_beta):
+    def _eager(self, inputs, smoothing_beta, count=None):
         x = self.features[inputs.index].float()
-        return train_step(self.model, self.criterion, self.optimizer, x, inputs,
-                          self.label_table, smoothing_beta, self.amp)
+        return train_step(self.train_model, self.criterion, self.optimizer, x, inputs,
+                          self.label_table, smoothing_beta, self.amp, self.shard, count)
 
-    def __call__(self, inputs, smoothing_beta):
-        """One step on `inputs` (StepInputs); smoothing_beta: beta or None (warm-up).
+    def __call__(self, inputs, smoothing_beta, count=None):
+        """One step on `inputs` (StepInputs; with a shard, this process's rows of a global
+        batch of `count` videos); smoothing_beta: beta or None (warm-up).
         Returns (loss, {'rec', 'con', 'ca'}) as device tensors."""
         phase = smoothing_beta is not None
         if not self.use_graphs or len(inputs.index) != self.batch_size:
-            return self._eager(inputs, smoothing_beta)
+            return self._eager(inputs, smoothing_beta, count)
         if torch.cuda.current_stream() == torch.cuda.default_stream():
             raise RuntimeError("TrainStep with CUDA graphs runs on a stream of its own (the "
                                "eager steps before a capture must not be on the default one)")
@@ -177,7 +200,8 @@ def train_one_epoch(step, epoch, cfg):
 
     A generator: it yields after every step, so that runs sharing a GPU can take turns, and
     returns the epoch's mean losses (loss, rec, con, ca) as a (4,) device tensor (reading them
-    would wait for the GPU, which the caller does when it needs the numbers)."""
+    would wait for the GPU, which the caller does when it needs the numbers). With several
+    processes every one draws the whole global batch and trains on its rows."""
     t = cfg.train
     device = step.features.device
     generator = epoch_generator(cfg.seed, epoch, device)
@@ -188,7 +212,9 @@ def train_one_epoch(step, epoch, cfg):
     for index in batches:
         inputs = draw_step_inputs(index, cfg.max_frames, t.mask_ratio, step.model.depth,
                                   generator)
-        loss, parts = step(inputs, smoothing_beta)
+        if step.shard is not None:
+            inputs = inputs.rows(step.shard.rows(len(index)))
+        loss, parts = step(inputs, smoothing_beta, len(index))
         sums += torch.stack([loss, parts["rec"], parts["con"], parts["ca"]])
         yield
     return sums / len(batches)

@@ -183,11 +183,13 @@ class RunLog:
     """A run's `log.jsonl` (one JSON line per epoch) and `run.log` (its messages with a time),
     kept open for the run's life; a full disk is a UserError naming the file."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, enabled=True):
         self.paths = {name: os.path.join(run_dir, name) for name in ("log.jsonl", "run.log")}
-        self.files = {}
+        self.files, self.enabled = {}, enabled
 
     def _write(self, name, text):
+        if not self.enabled:                # the processes of a run but its first write nothing
+            return
         try:
             if name not in self.files:
                 self.files[name] = open(self.paths[name], "a")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from dataset.preprocessing import TRAINING_ARTIFACTS, load_artifacts, preprocessed
@@ -30,6 +31,8 @@ from dataset.protocol import retrieval_sets, train_set, validation_sets
 from inference.retrieval import RetrievalSet
 from Loss.losses import LabelTable, S5VHLoss
 from model.s5vh import build_model
+from optim.distributed import (ShardError, agree, any_process, lost_process,
+                               mean_over_processes)
 from optim.engine import TrainStep, draw_step_inputs, train_one_epoch, training_loss
 from optim.optimizer import build_optimizer, cosine_lr, set_epoch_lr
 from optim.run_dir import (CONFIG_FILE, RunDirError, RunLog, check_fresh, check_run_inputs,
@@ -98,6 +101,13 @@ class Run:
     epochs_done: int = 0
     timing: dict = field(default_factory=dict)   # seconds of the set-up's phases, first epoch
     prefix: str = ""                             # console prefix when several runs train
+    shard: object = None                         # optim.distributed.Shard, several processes
+
+    @property
+    def writes(self):
+        """This process writes the run directory, evaluates and selects (the first of several
+        processes, or the only one)."""
+        return self.shard is None or self.shard.writes
 
     def path(self, name):
         return os.path.join(self.run_dir, name)
@@ -111,13 +121,19 @@ class Run:
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
     def on_stream(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else \
-            contextlib.nullcontext()
+        """The run's device and stream current (CUDA), nothing else on a CPU."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
 
     def say(self, text):
-        """A message to the console and to the run's run.log."""
-        logger.info(self.prefix + text)
-        self.log.message(text)
+        """A message to the console and to the run's run.log (by the writing process)."""
+        if self.writes:
+            logger.info(self.prefix + text)
+            self.log.message(text)
 
 
 def _resident_features(videos, cfg, device, shared):
@@ -131,11 +147,13 @@ def _resident_features(videos, cfg, device, shared):
     return shared[key]
 
 
-def setup_run(cfg, run_dir, run_id, fingerprint, shared=None):
+def setup_run(cfg, run_dir, run_id, fingerprint, shared=None, shard=None, device=None):
     """Preprocessing artifacts, resident features, model, optimizer and evaluation sets of a run
-    of `cfg` in `run_dir` (which the caller owns). `shared`: resident features of other runs."""
+    of `cfg` in `run_dir` (which the caller owns). `shared`: resident features of other runs;
+    `shard`: this process's place when several train the run (optim.distributed); `device`: the
+    GPU a group of runs placed it on (default: the config's device)."""
     t = cfg.train
-    device = resolve_device(t.device)
+    device = shard.device if shard is not None else device or resolve_device(t.device)
     seed_everything(cfg.seed)
     clock = _Clock()
     with preprocessed(cfg) as status:       # read the files while no one can replace them
@@ -146,21 +164,29 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None):
     clock.lap("features")
     model = build_model(cfg, device)
     criterion = S5VHLoss(centers, t).to(device)
-    graphs = t.cuda_graphs and device.type == "cuda"
+    # several processes: DDP averages the gradients (no CUDA graphs: they would capture its
+    # collectives)
+    graphs = t.cuda_graphs and device.type == "cuda" and shard is None
+    train_model = None
+    if shard is not None:
+        train_model = torch.nn.parallel.DistributedDataParallel(     # buffers are constants
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
     optimizer = build_optimizer(cfg, model, criterion, graphs)
     label_table = LabelTable(pseudo_labels, len(centers), device)
     step = TrainStep(model, criterion, optimizer, features, label_table, t.batch_size, t.amp,
-                     graphs)
+                     graphs, shard, train_model)
     sets = {"test": RetrievalSet("test", *retrieval_sets(cfg), videos, features)}
     if "val" in (t.select, t.monitor):
         sets["val"] = RetrievalSet("val", *validation_sets(cfg, t.val_fraction, cfg.seed), videos,
                                    features)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     clock.lap("model and evaluation sets")
+    writes = shard is None or shard.writes
     return Run(cfg, run_dir, device, model, criterion, optimizer, label_table, step,
                sets["test"], sets.get(t.select), sets.get(t.monitor), len(videos), run_id,
-               fingerprint, {**status, **digests}, RunLog(run_dir), stream,
-               last_save=time.monotonic(), timing=clock.laps)
+               fingerprint, {**status, **digests}, RunLog(run_dir, writes), stream,
+               last_save=time.monotonic(), timing=clock.laps, shard=shard)
 
 
 class _Clock:
@@ -196,7 +222,8 @@ def resume(run, state, records):
             raise CheckpointError(f"{path}: {err}") from None
         run.start_epoch, run.best = state["epoch"], state["best"]
     run.epochs_done = run.start_epoch
-    rewrite_log(run.path("log.jsonl"), [r for r in records if r["epoch"] <= run.start_epoch])
+    if run.writes:
+        rewrite_log(run.path("log.jsonl"), [r for r in records if r["epoch"] <= run.start_epoch])
     run.say(f"resumed {run.run_dir} after epoch {run.start_epoch}")
 
 
@@ -211,6 +238,8 @@ def _stats_to_host(run, means):
     """Start copying an epoch's mean losses (4,) and label-table drift to the host; (tensor,
     event or None)."""
     stats = torch.cat([means, run.label_table.drift()])
+    if run.shard is not None:
+        mean_over_processes(stats)          # each process holds its share of the batch's losses
     if run.device.type != "cuda":
         return stats, None
     host = torch.empty(len(EPOCH_STATS), pin_memory=True)
@@ -284,20 +313,21 @@ def _save(run, done, writer):
     run.last_save, run.saved_epoch = time.monotonic(), done
 
 
-def end_epoch(run, epoch, means, began, writer, stop):
-    """After epoch `epoch` (0-based): evaluate when due, log, save when due. The log line of an
-    epoch is written once its losses have reached the host, before its checkpoint."""
+def end_epoch(run, epoch, means, began, writer, stopping):
+    """After epoch `epoch` (0-based): evaluate when due, log, save when due (`stopping`: a signal
+    came, save now). The log line of an epoch is written once its losses have reached the host,
+    before its checkpoint. Only the writing process evaluates and saves."""
     t, done = run.cfg.train, epoch + 1
     record = {"run_id": run.run_id, "epoch": done, "lr": cosine_lr(run.cfg, epoch),
               "train_seconds": round(time.perf_counter() - began, 4)}
     if epoch == run.start_epoch:            # compilation and graph capture happen here
         run.timing["first epoch"] = record["train_seconds"]
     losses = _stats_to_host(run, means)
-    evaluate = (run.select_set or run.monitor_set) and (done % t.eval_every == 0
-                                                        or done == t.num_epochs)
-    save = (done == t.num_epochs or stop.requested
-            or t.checkpoint_every and done % t.checkpoint_every == 0
-            or time.monotonic() - run.last_save >= t.checkpoint_seconds)
+    evaluate = run.writes and (run.select_set or run.monitor_set) and (
+        done % t.eval_every == 0 or done == t.num_epochs)
+    save = run.writes and (done == t.num_epochs or stopping
+                           or t.checkpoint_every and done % t.checkpoint_every == 0
+                           or time.monotonic() - run.last_save >= t.checkpoint_seconds)
     if evaluate or save:                    # never evaluate or save after a non-finite loss
         _flush(run, block=True)
         _arrived(run, record, losses, block=True)
@@ -318,10 +348,12 @@ def fit(run, writer, stop):
         set_epoch_lr(run.optimizer, cosine_lr(cfg, epoch))
         began = time.perf_counter()
         means = yield from train_one_epoch(run.step, epoch, cfg)
-        end_epoch(run, epoch, means, began, writer, stop)
+        stopping = stop.requested if run.shard is None else any_process(stop.requested,
+                                                                        run.device)
+        end_epoch(run, epoch, means, began, writer, stopping)
         run.epochs_done = epoch + 1
-        if stop.requested:                  # it may have come after end_epoch decided not to save
-            if run.saved_epoch != epoch + 1:
+        if stopping or stop.requested:      # it may have come after end_epoch decided to save
+            if run.writes and run.saved_epoch != epoch + 1:
                 _flush(run, block=True)
                 _save(run, epoch + 1, writer)
             return False
@@ -361,7 +393,9 @@ def report(run, result):
 
 def _finish(run, writer):
     """Select, test and report a run whose last epoch is done; its checkpoints are written
-    before results.json says it is finished."""
+    before results.json says it is finished. The other processes of a run report nothing."""
+    if not run.writes:
+        return None
     with run.on_stream():
         result = select_and_test(run, writer)
     writer.wait()
@@ -398,26 +432,29 @@ def _step_memory(run):
 def check_memory(runs):
     """Before training: stop with one line when the runs' steps (and their CUDA graphs) will not
     fit in the GPU memory that is free; one dry step is measured per distinct model and batch."""
-    cuda = [run for run in runs if run.device.type == "cuda"]
-    if not cuda:
-        return
-    device = cuda[0].device
+    for device in sorted({run.device for run in runs if run.device.type == "cuda"}, key=str):
+        _check_device_memory(device, [run for run in runs if run.device == device])
+
+
+def _check_device_memory(device, cuda):
     measured, need = {}, 0
     for run in cuda:
         c = run.cfg
         key = json_text([plain_config(c)["model"], c.nbits, c.train.batch_size, c.train.amp,
                          c.feature_size, c.max_frames], indent=None)
         if key not in measured:
-            measured[key] = _step_memory(run)
+            with torch.cuda.device(device):       # the Triton scan launches on the current one
+                measured[key] = _step_memory(run)
         need += measured[key] * (2 if run.step.use_graphs else 1)   # graph pool + eager steps
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if need * MEMORY_MARGIN > free:
         per_run = need / len(cuda)
         fits = max(1, int(free / MEMORY_MARGIN // per_run))
-        raise UserError(f"the {len(cuda)} runs need about {need * MEMORY_MARGIN / 2 ** 30:.1f} GiB "
-                        f"of GPU memory and {free / 2 ** 30:.1f} GiB are free; train at most "
-                        f"{fits} at a time (--concurrent {fits})")
+        raise UserError(f"the {len(cuda)} runs on {device} need about "
+                        f"{need * MEMORY_MARGIN / 2 ** 30:.1f} GiB of GPU memory and "
+                        f"{free / 2 ** 30:.1f} GiB are free; train at most {fits} at a time "
+                        f"(--concurrent {fits})")
 
 
 def _lockstep(runs, writer, stop, bar):
@@ -462,10 +499,21 @@ def _parents(path):
     return missing[::-1]
 
 
-def _open(job, stack):
+def _open(job, stack, writes=True):
     """Take ownership of the job's run directory (locked until `stack` closes) and check what it
-    holds, before any work."""
+    holds, before any work. A process that does not write (not the first of a run's several)
+    only reads what a resume needs."""
     cfg, run_dir = job.cfg, job.run_dir
+    if not writes:
+        opened = _Opened(job, *(("", "") if job.record is None
+                                else (job.record["run_id"], job.record["fingerprint"])))
+        last = os.path.join(run_dir, "last.pth")
+        if job.record is not None and os.path.lexists(last):
+            opened.state = load_checkpoint(last, cfg, run_id=opened.run_id,
+                                           fingerprint=opened.fingerprint, spec=RESUME_SPEC,
+                                           max_epoch=cfg.train.num_epochs)
+            opened.results = finished_results(run_dir, job.record)
+        return opened
     if job.record is None:
         created = _parents(run_dir)
         check_fresh(run_dir, job.replace)
@@ -504,10 +552,23 @@ def _discard(opened):
             os.rmdir(folder)
 
 
-def _set_up(opened, shared, several):
+def place_runs(jobs):
+    """The device of each job: runs that train on CUDA go round-robin over every visible GPU
+    (a run's numbers do not depend on which one), the others where their config says."""
+    devices = [resolve_device(job.cfg.train.device) for job in jobs]
+    gpus = torch.cuda.device_count() if all(d.type == "cuda" for d in devices) else 0
+    if gpus < 2:
+        return devices
+    return [torch.device("cuda", i % gpus) for i in range(len(jobs))]
+
+
+def _set_up(opened, shared, several, shard=None, device=None):
     job = opened.job
-    with log_to_file(os.path.join(job.run_dir, "run.log")):
-        run = setup_run(job.cfg, job.run_dir, opened.run_id, opened.fingerprint, shared)
+    log = log_to_file(os.path.join(job.run_dir, "run.log")) if shard is None or shard.writes \
+        else contextlib.nullcontext()
+    with log:
+        run = setup_run(job.cfg, job.run_dir, opened.run_id, opened.fingerprint, shared, shard,
+                        device)
     if several:
         run.prefix = f"[{os.path.basename(os.path.normpath(job.run_dir))}] "
     if job.record is not None:
@@ -518,19 +579,31 @@ def _set_up(opened, shared, several):
 
 
 def _resume_command(runs):
+    """runs: Runs or Jobs."""
     return "python train.py --resume " + " ".join(run.run_dir for run in runs)
 
 
-def _train_group(jobs, writer, progress, several):
-    """Open, set up and train `jobs` together; {run_dir: results}."""
+def _train_group(jobs, writer, progress, several, shard=None):
+    """Open, set up and train `jobs` together; {run_dir: results}. With `shard` (one job, several
+    processes) every process does its part, and they stop together when one fails."""
     results = {}
+    writes = shard is None or shard.writes
     with contextlib.ExitStack() as stack:
         opened = []
         runs = []
         try:
-            for job in jobs:
-                opened.append(_open(job, stack))
+            failure = None
+            try:
+                for job in jobs:
+                    opened.append(_open(job, stack, writes))
+            except UserError as err:
+                failure = err
+            if shard is not None:
+                agree(shard, failure)
+            if failure is not None:
+                raise failure
             shared = {}
+            placed = dict(zip((o.job.run_dir for o in opened), place_runs(jobs)))
             # runs of one seed after another: the clustering of a seed is then made once
             for item in sorted(opened, key=lambda o: (o.job.cfg.paths.artifact_dir,
                                                       o.job.cfg.seed, o.job.cfg.nbits)):
@@ -539,11 +612,12 @@ def _train_group(jobs, writer, progress, several):
                                 f"results follow")
                     results[item.job.run_dir] = item.results
                 else:
-                    runs.append(_set_up(item, shared, several))
+                    runs.append(_set_up(item, shared, several, shard,
+                                        None if shard else placed[item.job.run_dir]))
             check_memory(runs)
         except BaseException:
             for item in opened:
-                if item.job.record is None:
+                if item.job.record is None and writes:
                     _discard(item)
             raise
         for run in runs:
@@ -574,20 +648,30 @@ def _train_group(jobs, writer, progress, several):
     return results
 
 
-def train_runs(jobs, progress=True, concurrent=None):
+def train_runs(jobs, progress=True, concurrent=None, shard=None):
     """Train `jobs` (a list of Job), `concurrent` at a time (default: all together); returns
     their results in the same order. Every run directory is opened and checked before any
-    run is set up."""
+    run is set up. With `shard`, this process is one of several that train one job together
+    (optim.distributed); only the first returns its results, the others None."""
+    if shard is not None and len(jobs) != 1:
+        raise ShardError(f"several processes train one run together; {len(jobs)} runs were "
+                         f"asked for (give one code length and one seed)")
     concurrent = concurrent or len(jobs)
     results = {}
     writer = CheckpointWriter()
     try:
         for start in range(0, len(jobs), concurrent):
             group = jobs[start:start + concurrent]
-            results.update(_train_group(group, writer, progress, several=len(jobs) > 1))
+            results.update(_train_group(group, writer, progress, len(jobs) > 1, shard))
+    except (dist.DistError, RuntimeError) as err:
+        if shard is None or not lost_process(err):
+            raise
+        raise ShardError(f"another process of this run stopped or does not answer "
+                         f"({type(err).__name__}); continue with: "
+                         f"{_resume_command([job for job in jobs])}") from None
     finally:
         writer.close()
-    return [results[job.run_dir] for job in jobs]
+    return [results.get(job.run_dir) for job in jobs]
 
 
 def start_run(cfg, run_dir=None, replace=False, progress=True):

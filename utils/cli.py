@@ -30,5 +30,7 @@ def run_cli(main):
         try:
             main()
         except (UserError, Interrupted) as err:
-            print(f"error: {one_line(err)}", file=sys.stderr)
+            # one write, so the lines of processes that share the stream never mix
+            sys.stderr.write(f"error: {one_line(err)}\n")
+            sys.stderr.flush()
             sys.exit(2)

@@ -216,8 +216,8 @@ def plain_config(cfg):
 # how evaluation is batched. Everything else is the run's identity: its fingerprint, what a
 # resume must keep, and what `tools.paper` matches to reuse a finished run.
 NON_RESULT_KEYS = ("work_dir", "train.log_every", "train.checkpoint_every",
-                   "train.checkpoint_seconds", "eval.batch_size", "eval.query_chunk",
-                   "preprocess.chunk_videos", "model.two_streams")
+                   "train.checkpoint_seconds", "train.process_timeout", "eval.batch_size",
+                   "eval.query_chunk", "preprocess.chunk_videos", "model.two_streams")
 
 
 def result_keys(plain):
@@ -362,6 +362,7 @@ RANGES = {
     "train.warm_up_epoch": (0, None, True, None), "train.smoothing_beta": (0, 1, True, True),
     "train.eval_every": (1, None, True, None), "train.checkpoint_every": (0, None, True, None),
     "train.checkpoint_seconds": (0, None, True, None),
+    "train.process_timeout": (1, None, True, None),
     "train.val_fraction": (0, 1, False, False), "train.log_every": (1, None, True, None),
     "eval.batch_size": (1, None, True, None), "eval.query_chunk": (1, None, True, None),
 }

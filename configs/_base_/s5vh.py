@@ -107,6 +107,7 @@ train = dict(
     eval_every=50,             # epochs between evaluations (selection and monitoring)
     checkpoint_seconds=60,     # save last.pth when this much wall time has passed since the last save
     checkpoint_every=0,        # also every this many epochs (0: by time only); always at the end
+    process_timeout=1800,      # several processes: seconds one waits for the others (evaluation on the first)
     select="last",             # last | val | test (the release: best test mAP@5)
     val_fraction=0.1,
     log_every=20,
