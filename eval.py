@@ -12,14 +12,13 @@ examples:
   python eval.py --config configs/S5VH/demo.py --method lsh itq   # baselines only
   python eval.py --config B.py --checkpoint A/best.pth --out transfer/   # A's model on B's data
 """
-import argparse
 import os
 
 from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
 from inference.evaluate import evaluate_baselines, evaluate_checkpoint, format_table, save_codes
 from optim.run_dir import check_run_inputs, read_run_config
-from utils.cli import run_cli
+from utils.cli import command_parser, run_cli
 from utils.config import build_config, check_code_lengths
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -29,9 +28,7 @@ OUTPUTS = ("eval.json", "codes.npz")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python eval.py", description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python eval.py", __doc__)
     parser.add_argument("--config", help="config file of the data to score on (baselines, or a "
                                          "--checkpoint on another data set)")
     parser.add_argument("--run", help="a run directory written by train.py (its saved config and "

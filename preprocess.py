@@ -13,19 +13,16 @@ examples:
   python preprocess.py --config configs/S5VH/ucf.py
   python preprocess.py --config configs/S5VH/ucf.py --cfg-options nbits=16 --force
 """
-import argparse
 
 from dataset.demo import ensure_demo_data
 from dataset.preprocessing import preprocessed
 from dataset.protocol import check_inputs
-from utils.cli import run_cli
+from utils.cli import command_parser, run_cli
 from utils.config import build_config
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python preprocess.py", description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python preprocess.py", __doc__)
     parser.add_argument("--config", required=True,
                         help="config file of the data set, e.g. configs/S5VH/ucf.py")
     parser.add_argument("--force", action="store_true",

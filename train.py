@@ -20,7 +20,6 @@ One run over several processes (data parallel; NCCL between GPUs, gloo on CPUs),
 batch split between them and the result that of one process within float rounding:
   torchrun --nproc-per-node 2 train.py --config configs/S5VH/fcv.py
 """
-import argparse
 
 from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
@@ -29,7 +28,7 @@ from optim.distributed import check_batch, from_environment
 from optim.distributed import close as close_process_group
 from optim.run_dir import check_fresh, check_run_inputs, read_run_config
 from optim.runner import Job, train_runs
-from utils.cli import run_cli
+from utils.cli import command_parser, run_cli
 from utils.config import MAX_BITS, build_config, check_distinct
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -39,9 +38,7 @@ logger = get_logger("train")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python train.py", description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python train.py", __doc__)
     parser.add_argument("--config", help="config file of the data set, e.g. configs/S5VH/ucf.py")
     parser.add_argument("--resume", nargs="+", metavar="RUN_DIR",
                         help="continue these runs from their last checkpoints (a finished run "

@@ -21,7 +21,7 @@ from inference import extract  # noqa: E402
 from inference.index import CodeIndex, IndexFileError, pack_codes  # noqa: E402
 from inference.metrics import rank_topk, retrieval_metrics  # noqa: E402
 from model.backbones import preprocess_frames  # noqa: E402
-from tests.test_integrity import listing, options, run_script  # noqa: E402
+from tests.test_integrity import listing, run_script  # noqa: E402
 from tests.test_training import make_tiny_demo  # noqa: E402
 from tests.conftest import DEMO_CONFIG  # noqa: E402
 from tools import index as index_tool, search as search_tool  # noqa: E402

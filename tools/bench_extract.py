@@ -7,7 +7,6 @@ Writes --videos mpeg4 videos of --seconds at 320 x 240 and 25 frames/s (a UCF101
 weights (the speed does not depend on the weights) and reports videos/s, the time to decode
 and sample the frames alone, and the backbone's images/s.
 """
-import argparse
 import json
 import os
 import time
@@ -19,6 +18,7 @@ from dataset.video import import_av, read_frames
 from inference.extract import extract_features, video_features
 from model.backbones import FEATURE_SIZES, build_backbone, preprocess_frames
 from utils.device import resolve_device
+from utils.cli import command_parser
 from utils.fileio import write_json
 
 
@@ -44,10 +44,7 @@ def write_clips(folder, count, seconds, size=(240, 320), rate=25):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_extract",
-                                     description=__doc__.split("\n\n", 1)[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m tools.bench_extract", __doc__)
     parser.add_argument("--videos", type=int, default=48)
     parser.add_argument("--seconds", type=int, default=7)
     parser.add_argument("--backbone", default="vgg16", choices=sorted(FEATURE_SIZES))

@@ -12,7 +12,6 @@ exists for CUDA 13), and IVF's recall@100 against the exact top 100 at several n
 counts when it is no farther than the exact 100th neighbour, so ties do not count as misses). The
 exact CPU and GPU rankings are compared on the first queries.
 """
-import argparse
 import json
 import os
 import time
@@ -22,6 +21,7 @@ import torch
 
 from inference.index import CodeIndex, import_faiss, pack_codes
 from inference.metrics import rank_topk
+from utils.cli import command_parser
 from utils.fileio import write_json
 
 
@@ -92,10 +92,7 @@ def bench_gpu(db, queries, k, chunk, exact=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_index",
-                                     description=__doc__.split("\n\n", 1)[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m tools.bench_index", __doc__)
     parser.add_argument("--database", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--bits", type=int, default=64)

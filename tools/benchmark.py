@@ -23,7 +23,6 @@ eval: encode + rank + mAP@100 for the UCF protocol and FCVID all-vs-all, feature
 frames: encoder inference time and peak memory against the frame count M for the Mamba encoder
   and Transformer encoders of the same width and depth (the paper's Figure 1(a)).
 """
-import argparse
 import contextlib
 import json
 import os
@@ -41,6 +40,7 @@ from model.s5vh import build_model, gather_frames
 from optim.engine import TrainStep, draw_step_inputs, epoch_generator, full_view_logits
 from optim.optimizer import build_optimizer
 from optim.runner import Job, train_runs
+from utils.cli import command_parser
 from utils.config import build_config
 from utils.fileio import write_json
 
@@ -452,10 +452,7 @@ def frames_figure(report):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.benchmark",
-                                     description=__doc__.split("\n\n", 1)[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m tools.benchmark", __doc__)
     parser.add_argument("--parts", nargs="+", default=["train", "runs", "eval", "frames"],
                         choices=["train", "routes", "runs", "eval", "frames", "profile"])
     parser.add_argument("--rungs", nargs="+", default=None, metavar="NAME",

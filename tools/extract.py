@@ -13,14 +13,13 @@ examples:
   python -m tools.extract data/videos/ucf --out data/myucf/train --labels-from-folders
   python -m tools.extract clips/ --out data/clips/all --backbone resnet50 --frames 30
 """
-import argparse
 import time
 
 import torch
 
 from inference.extract import extract_features, weights_tag
 from model.backbones import FEATURE_SIZES, build_backbone
-from utils.cli import run_cli
+from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.log import get_logger
@@ -29,9 +28,7 @@ logger = get_logger("tools.extract")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.extract", description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m tools.extract", __doc__)
     parser.add_argument("videos", help="a folder of video files (searched recursively)")
     parser.add_argument("--out", required=True, metavar="PREFIX",
                         help="output prefix: PREFIX_feats.h5 and PREFIX_labels.mat are written")

@@ -13,7 +13,6 @@ examples:
   python -m tools.index add --index ucf.index.npz --run work_dirs/ucf_64bits \\
       --features data/more/more_feats.h5
 """
-import argparse
 import os
 import time
 
@@ -24,7 +23,7 @@ from inference.evaluate import load_model
 from inference.extract import read_names
 from inference.index import KINDS, CodeIndex, IndexFileError
 from optim.run_dir import read_run_config
-from utils.cli import run_cli
+from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
 from utils.fileio import check_file
 from utils.log import get_logger
@@ -33,9 +32,7 @@ logger = get_logger("tools.index")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.index", description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m tools.index", __doc__)
     sub = parser.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="a new index of a features file")
     build.add_argument("--out", required=True, help="the index file to write (.npz)")

@@ -12,7 +12,6 @@ examples:
       --features data/ucf/ucf_test_feats.h5 --k 20 --out results.jsonl
   python -m tools.search --index ucf.index.npz --run work_dirs/ucf_64bits --videos clip.mp4
 """
-import argparse
 import csv
 import io
 import json
@@ -28,16 +27,14 @@ from inference.extract import read_names, video_features, weights_tag
 from inference.index import CodeIndex, IndexFileError
 from model.backbones import build_backbone
 from optim.run_dir import read_run_config
-from utils.cli import run_cli
+from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.fileio import atomic_write_text, check_file
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.search", description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m tools.search", __doc__)
     parser.add_argument("--index", required=True, help="an index from tools.index")
     parser.add_argument("--run", required=True, help="the run directory that made the index")
     queries = parser.add_mutually_exclusive_group(required=True)

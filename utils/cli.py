@@ -1,5 +1,6 @@
 """Entry-point wrapper: logging set up once; user errors and signals end with one line on stderr,
 exit code 2."""
+import argparse
 import sys
 
 from utils.errors import Interrupted, UserError
@@ -17,6 +18,14 @@ def one_line(text, limit=MAX_MESSAGE):
         return text
     keep = (limit - 5) // 2
     return f"{text[:keep]} […] {text[-keep:]}"
+
+
+def command_parser(prog, doc):
+    """The argument parser of a command: its docstring's first paragraph as the description and
+    the rest (examples, notes) after the options, laid out as written."""
+    description, _, rest = doc.strip().partition("\n\n")
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=rest,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def run_cli(main):
