@@ -1,6 +1,7 @@
 """Integrity: bad input stops before any work with one line and exit code 2; run directories
 belong to one run; kills leave nothing that a rerun or resume cannot repair; same inputs, config
 and seed give the same result (docs/method.md §10)."""
+import contextlib
 import json
 import os
 import shutil
@@ -157,16 +158,22 @@ def test_a_read_only_data_directory_is_used_when_nothing_must_be_written(data, c
                                  f"writable: Read-only file system\n")
 
 
-def test_a_full_disk_is_one_line(data, capsys, tmp_path_factory):
-    small = tmp_path_factory.mktemp("small")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)],
+@contextlib.contextmanager
+def small_file_system(path, size):
+    """Mount a tmpfs of `size` (e.g. "64k") at `path` for the block; skip where mounting fails."""
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                       capture_output=True).returncode:
         pytest.skip("cannot mount a small file system here")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])
+
+
+def test_a_full_disk_is_one_line(data, capsys, tmp_path_factory):
+    with small_file_system(tmp_path_factory.mktemp("small"), "200k") as small:
         code, err = run_script(train_script, ["--config", DEMO_CONFIG, "--no-progress",
                                               *options(data, f"work_dir={str(small)!r}")], capsys)
-    finally:
-        subprocess.run(["umount", str(small)])
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
 
 
@@ -531,18 +538,12 @@ def test_tools_reuse_a_run_when_only_non_result_keys_change(data):
 
 
 def test_a_full_disk_while_preprocessing_is_one_line(data, capsys, tmp_path_factory):
-    small = tmp_path_factory.mktemp("small_artifacts")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a small file system here")
-    try:
+    with small_file_system(tmp_path_factory.mktemp("small_artifacts"), "64k") as small:
         code, err = run_script(preprocess_script, ["--config", DEMO_CONFIG, "--cfg-options",
                                                    f"data_root={str(data)!r}", *TINY,
                                                    f"preprocess.artifact_dir={str(small)!r}"],
                                capsys)
         left = os.listdir(small)
-    finally:
-        subprocess.run(["umount", str(small)])
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
     assert left == []
 
