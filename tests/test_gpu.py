@@ -157,3 +157,57 @@ def test_directions_on_two_streams_change_no_number():
     (a, pa, ta), (b, pb, tb) = results
     assert a == b
     assert all(torch.equal(p, q) for p, q in zip(pa, pb)) and torch.equal(ta, tb)
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+@needs_two_gpus
+def test_two_gpus_train_what_one_trains(tmp_path):
+    """One float32 run trained by two processes over NCCL, one GPU each, against one process on
+    one GPU: the same losses and label-table drift epoch by epoch and the same mAP within float
+    rounding (the GPUs sum the gradients in another order)."""
+    import json
+
+    from tests.test_distributed import options, torchrun
+    from tests.test_training import make_tiny_demo
+    make_tiny_demo(str(tmp_path))
+    cuda = ["train.device='cuda'", "train.amp=False"]
+    one = torchrun(1, options(tmp_path, "one", *cuda), {"CUDA_VISIBLE_DEVICES": "0"})
+    two = torchrun(2, options(tmp_path, "two", *cuda), {"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    logs = [[json.loads(line) for line in open(tmp_path / work / "demo_16bits" / "log.jsonl")]
+            for work in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        for key in ("loss", "rec", "con", "ca", "label_changed", "label_entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["epoch"], key)
+        for k, v in a["val_mAP"].items():
+            assert b["val_mAP"][k] == pytest.approx(v, abs=1e-3)
+
+
+@needs_two_gpus
+def test_runs_spread_over_two_gpus_equal_runs_on_one(tmp_path, monkeypatch):
+    """Runs placed round-robin on two GPUs give bit for bit the weights and mAP they give when
+    all train on the first."""
+    from optim import runner
+    from tests.test_training import TINY, make_tiny_demo, tiny_run_config
+    from utils.checkpoint import load_checkpoint
+    make_tiny_demo(str(tmp_path))
+    cuda = [item.replace("'cpu'", "'cuda'") for item in TINY]
+    configs = {f"s{seed}": tiny_run_config(tmp_path, *cuda, f"seed={seed}",
+                                           "train.num_epochs=4") for seed in (1, 2, 3)}
+
+    def train(work):
+        jobs = [runner.Job(cfg, str(tmp_path / work / name)) for name, cfg in configs.items()]
+        return runner.train_runs(jobs, progress=False)
+
+    spread = train("spread")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    first = train("first")
+    for name, a, b in zip(configs, spread, first):
+        assert a["test_mAP"] == b["test_mAP"], name
+        wa, wb = (load_checkpoint(str(tmp_path / work / name / "last.pth"))["model"]
+                  for work in ("spread", "first"))
+        assert all(torch.equal(wa[key], wb[key]) for key in wa), name
