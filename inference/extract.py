@@ -24,12 +24,12 @@ import h5py
 import numpy as np
 import torch
 
-from dataset.io import write_labels
+from dataset.io import DataError, write_labels
 from dataset.video import VideoError, classes_of, find_videos, frame_count, read_frames
 from model.backbones import preprocess_frames
 from utils.content_hash import file_sha256
 from utils.errors import UserError
-from utils.fileio import atomic_write_text, ensure_space, write_json
+from utils.fileio import atomic_write_text, check_file, ensure_space, write_json
 from utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -179,7 +179,11 @@ def extract_features(root, prefix, backbone, feature_size, frames=25, device="cp
 
 def read_names(path):
     """The video names of a features file (None when it has none) and its attributes."""
-    with h5py.File(path, "r") as f:
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["names"][()]] \
-            if "names" in f else None
-        return names, dict(f.attrs)
+    check_file(path, "features")
+    try:
+        with h5py.File(path, "r") as f:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["names"][()]] \
+                if "names" in f else None
+            return names, dict(f.attrs)
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 file ({err})") from None

@@ -13,6 +13,7 @@ neighbours per code). Adding videos appends; the approximate kinds are trained w
 """
 import io
 import json
+import zipfile
 
 import numpy as np
 
@@ -117,7 +118,7 @@ class CodeIndex:
             with open(path, "rb") as f:
                 data = np.load(io.BytesIO(f.read()), allow_pickle=False)
                 blob, names, meta = data["faiss"], data["names"], str(data["meta"])
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise IndexFileError(f"{path}: not an index of this project ({type(err).__name__})") \
                 from None
         try:

@@ -262,6 +262,69 @@ def test_search_refuses_another_runs_codes(trained, tmp_path, capsys):
     assert listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_index_or_features_file_is_one_line(trained, tmp_path, capsys, damage):
+    root, run_dir, _ = trained
+    queries = str(root / "demo" / "demo_test_feats.h5")
+    index_tool.main(["build", "--run", str(run_dir), "--features", queries,
+                     "--out", str(tmp_path / "i.npz")])
+    whole = (tmp_path / "i.npz").read_bytes()
+    (tmp_path / "bad.npz").write_bytes(whole[:100] if damage == "truncated" else b"")
+    feats = open(queries, "rb").read()
+    (tmp_path / "bad.h5").write_bytes(feats[:500] if damage == "truncated" else b"")
+    for tool, argv, named in (
+            (search_tool, ["--index", str(tmp_path / "bad.npz"), "--run", str(run_dir),
+                           "--features", queries], "bad.npz"),
+            (index_tool, ["add", "--index", str(tmp_path / "bad.npz"), "--run", str(run_dir),
+                          "--features", queries], "bad.npz"),
+            (search_tool, ["--index", str(tmp_path / "i.npz"), "--run", str(run_dir),
+                           "--features", str(tmp_path / "bad.h5")], "bad.h5"),
+            (index_tool, ["build", "--run", str(run_dir), "--features", str(tmp_path / "bad.h5"),
+                          "--out", str(tmp_path / "new.npz")], "bad.h5")):
+        code, err = run_script(tool, argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and named in err, err
+    assert not (tmp_path / "new.npz").exists()
+
+
+def test_outputs_never_overwrite_an_input_or_an_existing_file(trained, tmp_path, capsys):
+    root, run_dir, _ = trained
+    queries = tmp_path / "q.h5"
+    queries.write_bytes(open(root / "demo" / "demo_test_feats.h5", "rb").read())
+    index_tool.main(["build", "--run", str(run_dir), "--features", str(queries),
+                     "--out", str(tmp_path / "i.npz")])
+    (tmp_path / "mine.txt").write_text("a user's file\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    search = ["--index", str(tmp_path / "i.npz"), "--run", str(run_dir), "--features",
+              str(queries)]
+    for tool, argv, expected in (
+            (search_tool, search + ["--out", str(tmp_path / "i.npz")], "is the input"),
+            (search_tool, search + ["--out", str(queries), "--replace"], "is the input"),
+            (search_tool, search + ["--out", str(tmp_path / "mine.txt")], "exists"),
+            (search_tool, search + ["--out", str(tmp_path)], "is a directory"),
+            (search_tool, search + ["--nprobe", "4"], "applies to ivf indexes"),
+            (index_tool, ["build", "--run", str(run_dir), "--features", str(queries),
+                          "--out", str(queries), "--replace"], "is the input"),
+            (index_tool, ["build", "--run", str(run_dir), "--features", str(queries),
+                          "--out", str(tmp_path / "i.npz")], "exists"),
+            (index_tool, ["build", "--run", str(run_dir), "--features", str(queries),
+                          "--out", str(tmp_path / "j.npz"), "--nlist", "0"], "--nlist")):
+        code, err = run_script(tool, argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and expected in err, (argv, err)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    search_tool.main(search + ["--out", str(tmp_path / "mine.txt"), "--replace"])
+    assert (tmp_path / "mine.txt").read_text().startswith('{"query"')
+
+
+def test_extraction_never_overwrites_existing_features(tmp_path, capsys):
+    from tools import extract as extract_tool
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "set_feats.h5").write_text("a user's file\n")
+    code, err = run_script(extract_tool, [str(tmp_path / "videos"), "--out",
+                                          str(tmp_path / "set"), "--weights", "random"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "set_feats.h5 exists" in err, err
+    assert (tmp_path / "set_feats.h5").read_text() == "a user's file\n"
+
+
 def test_torchvision_backbones_give_their_documented_sizes():
     pytest.importorskip("torchvision", exc_type=ImportError)
     from model.backbones import FEATURE_SIZES, build_backbone

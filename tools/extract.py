@@ -13,6 +13,7 @@ examples:
   python -m tools.extract data/videos/ucf --out data/myucf/train --labels-from-folders
   python -m tools.extract clips/ --out data/clips/all --backbone resnet50 --frames 30
 """
+import os
 import time
 
 import torch
@@ -22,6 +23,7 @@ from model.backbones import FEATURE_SIZES, build_backbone
 from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
 from utils.errors import UserError
+from utils.fileio import check_new_output
 from utils.log import get_logger
 
 logger = get_logger("tools.extract")
@@ -47,6 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-videos", type=int, default=8,
                         help="videos per backbone batch (default 8: 200 images at M = 25)")
     parser.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+    parser.add_argument("--replace", action="store_true",
+                        help="overwrite existing PREFIX_feats.h5 / PREFIX_labels.mat files")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser.parse_args(argv)
 
@@ -57,6 +61,12 @@ def main(argv=None):
         if getattr(args, option) < 1:
             raise UserError(f"--{option.replace('_', '-')} must be at least 1, got "
                             f"{getattr(args, option)}")
+    if os.path.isfile(args.videos):
+        raise UserError(f"{args.videos} is a file; give the folder that holds the videos")
+    outputs = [f"{args.out}_feats.h5"] + ([f"{args.out}_labels.mat"]
+                                          if args.labels_from_folders else [])
+    for path in outputs:
+        check_new_output(path, "output file", [args.weights], args.replace)
     device = resolve_device(args.device)
     backbone = build_backbone(args.backbone, args.weights)
     logger.info(f"{args.backbone} ({args.weights} weights) on {device}, {args.frames} frames "

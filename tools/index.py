@@ -25,7 +25,8 @@ from inference.index import KINDS, CodeIndex, IndexFileError
 from optim.run_dir import read_run_config
 from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
-from utils.fileio import check_file
+from utils.fileio import check_file, check_new_output
+from utils.errors import UserError
 from utils.log import get_logger
 
 logger = get_logger("tools.index")
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     build.add_argument("--nlist", type=int, default=1024, help="ivf: coarse lists")
     build.add_argument("--nprobe", type=int, default=16, help="ivf: lists searched by default")
     build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per code")
+    build.add_argument("--replace", action="store_true",
+                       help="overwrite an existing --out file (never the features file)")
     add = sub.add_parser("add", help="append the videos of a features file to an index")
     add.add_argument("--index", required=True, help="the index file to extend")
     for one in (build, add):
@@ -66,6 +69,14 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     cfg, record = read_run_config(args.run)
+    if args.action == "build":
+        for option in ("nlist", "nprobe", "hnsw_m"):
+            if getattr(args, option) < 1:
+                raise UserError(f"--{option.replace('_', '-')} must be at least 1, got "
+                                f"{getattr(args, option)}")
+        check_new_output(args.out, "index file", [args.features,
+                                                  os.path.join(args.run, "best.pth")],
+                         args.replace)
     if args.action == "add":
         index = CodeIndex.load(args.index)
         if index.meta["run_id"] != record["run_id"]:

@@ -30,7 +30,7 @@ from optim.run_dir import read_run_config
 from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.fileio import atomic_write_text, check_file
+from utils.fileio import atomic_write_text, check_file, check_new_output
 
 
 def parse_args(argv=None):
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--nprobe", type=int, default=None, help="ivf: lists to search")
     parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
     parser.add_argument("--out", default=None, help="file to write (default: the console)")
+    parser.add_argument("--replace", action="store_true",
+                        help="overwrite an existing --out file (never one of the inputs)")
     parser.add_argument("--weights", default=None, metavar="PATH",
                         help="--videos: the backbone's weights file, when the index records "
                              "weights loaded from a file")
@@ -80,8 +82,17 @@ def main(argv=None):
     args = parse_args(argv)
     if args.k < 1:
         raise UserError(f"--k must be at least 1, got {args.k}")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise UserError(f"--nprobe must be at least 1, got {args.nprobe}")
+    if args.out:
+        check_new_output(args.out, "--out file", [args.index, args.features, *(args.videos or []),
+                                                  os.path.join(args.run, "best.pth")],
+                         args.replace)
     device = resolve_device(args.device)
     index = CodeIndex.load(args.index)
+    if args.nprobe is not None and index.meta["kind"] != "ivf":
+        raise UserError(f"--nprobe applies to ivf indexes; {args.index} is "
+                        f"{index.meta['kind']}")
     cfg, record = read_run_config(args.run)
     if record["run_id"] != index.meta["run_id"]:
         raise IndexFileError(f"{args.index} holds codes of run {index.meta['run_id']}, not of "

@@ -102,6 +102,24 @@ def writable_dir(path, what, create=True):
         raise UserError(f"the {what} {path} is not writable: {err.strerror or err}") from None
 
 
+def check_new_output(path, what, inputs=(), replace=False):
+    """Stop with one line unless a command may write its output file `path`: not a directory,
+    not one of the command's `inputs` under any name, not an existing file unless `replace`
+    (never a user's file lost to a mistyped name), in a writable folder (made if missing)."""
+    if os.path.isdir(path):
+        raise FileKindError(f"{what} {path} is a directory; give a file name")
+    if os.path.lexists(path):
+        for source in inputs:
+            if source and os.path.exists(source) and os.path.exists(path) and \
+                    os.path.samefile(path, source):
+                raise UserError(f"{what} {path} is the input {source}; give another name")
+        if not replace:
+            raise UserError(f"{what} {path} exists; give another name, or --replace to "
+                            f"overwrite it")
+    writable_dir(os.path.dirname(os.path.abspath(path)), f"folder of the {what}")
+    return path
+
+
 @contextlib.contextmanager
 def dir_lock(path, what, wait=False):
     """Hold an exclusive lock on the directory `path` while the context is open (on the
