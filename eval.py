@@ -17,7 +17,7 @@ import os
 from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
 from inference.evaluate import evaluate_baselines, evaluate_checkpoint, format_table, save_codes
-from optim.run_dir import check_run_inputs, read_run_config
+from optim.run_dir import CONFIG_FILE, check_run_inputs, read_run_config
 from utils.cli import command_parser, run_cli
 from utils.config import build_config, check_code_lengths
 from utils.device import resolve_device
@@ -57,6 +57,12 @@ def resolve(args):
         raise UserError("give --config or --run (not both)")
     if args.bits is not None:
         check_code_lengths(args.bits)
+    if args.out and os.path.isfile(os.path.join(args.out, CONFIG_FILE)) and not (
+            args.run and os.path.realpath(args.out) == os.path.realpath(args.run)
+            and args.checkpoint is None and not args.cfg_options):
+        # another run's directory, or this run's own scored differently: its files are the run's
+        raise UserError(f"--out {args.out} is a run directory, and what is scored here is not "
+                        f"that run as it was trained; give another folder")
     if args.run:
         # the run's config is data: reading it executes nothing from the run directory
         cfg, record = read_run_config(args.run, args.cfg_options, allowed=None)

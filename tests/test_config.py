@@ -68,6 +68,20 @@ def test_unknown_key_in_child_file(tmp_path):
         build_config(str(child))
 
 
+def test_a_config_inherits_the_base_and_its_bases_do_not_loop(tmp_path):
+    lone = tmp_path / "lone.py"
+    lone.write_text("nbits = 16\n")
+    with pytest.raises(ConfigError, match="lone.py does not set .* a config inherits the base"):
+        build_config(str(lone))
+    (tmp_path / "a.py").write_text("_base_ = 'b.py'\n")
+    (tmp_path / "b.py").write_text("_base_ = './a.py'\n")
+    with pytest.raises(ConfigError, match="a.py: its _base_ chain comes back to itself"):
+        build_config(str(tmp_path / "a.py"))
+    (tmp_path / "number.py").write_text("_base_ = 3\n")
+    with pytest.raises(ConfigError, match="_base_ must be a path or a list of paths, got 3"):
+        build_config(str(tmp_path / "number.py"))
+
+
 def test_frozen_and_unknown_reads_raise():
     cfg = build_config(os.path.join(CONFIGS, "ucf.py"))
     with pytest.raises(ConfigError):

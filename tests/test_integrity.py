@@ -648,3 +648,20 @@ def test_an_error_message_is_one_short_line(data, capsys):
     code, err = run_script(train_script, ["--config", DEMO_CONFIG, "--cfg-options",
                                           f"train.select={huge!r}"], capsys)
     assert code == 2 and err.count("\n") == 1 and len(err) < 700
+
+
+def test_eval_never_writes_into_another_runs_directory(data, capsys):
+    for seed in (1, 2):
+        train_script.main(["--config", DEMO_CONFIG, "--no-progress", "--work-dir",
+                           str(data / f"runs{seed}"), *options(data, f"seed={seed}")])
+    first, second = (data / f"runs{seed}" / "demo_16bits" for seed in (1, 2))
+    before = listing(second)
+    for argv in (["--run", str(first), "--out", str(second)],
+                 ["--run", str(second), "--out", str(second), "--checkpoint",
+                  str(first / "best.pth")]):
+        code, err = run_script(eval_script, argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and "is a run directory" in err, err
+    assert listing(second) == before
+    code, _ = run_script(eval_script, ["--run", str(second), "--out", str(second)], capsys)
+    assert code == 0 and "eval.json" in os.listdir(second)
+

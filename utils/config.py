@@ -124,8 +124,11 @@ def _merge(base, child, where, prefix=""):
     return merged
 
 
-def load_file(path):
-    """Read a config file and its bases into a plain dict (not yet resolved)."""
+def load_file(path, chain=()):
+    """Read a config file and its bases into a plain dict (not yet resolved). `chain`: the files
+    that inherit this one, so that a `_base_` loop stops with one line."""
+    if os.path.realpath(path) in chain:
+        raise ConfigError(f"{path}: its _base_ chain comes back to itself")
     keys = _read_file(path)
     bases = keys.pop(BASE_KEY, [])
     if DERIVED_KEY in keys:
@@ -133,12 +136,17 @@ def load_file(path):
                           f"set data_root/dataset/nbits instead")
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, (list, tuple)):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {_short(bases)}")
     if not bases:
         return _plain(keys)
     merged = {}
     for base in bases:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got "
+                              f"{_short(bases)}")
         base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
-        merged.update(load_file(base_path))
+        merged.update(load_file(base_path, chain + (os.path.realpath(path),)))
     return _merge(merged, keys, path)
 
 
@@ -201,6 +209,11 @@ def _resolve(raw):
 def build_config(path, overrides=None):
     """Load `path`, apply `--cfg-options` items, check every value, derive paths and freeze."""
     raw = load_file(path)
+    missing = _missing_keys(load_file(BASE_CONFIG), raw)
+    if missing:
+        raise ConfigError(f"{path} does not set {', '.join(missing[:4])}"
+                          f"{' and more' if len(missing) > 4 else ''}: a config inherits the "
+                          f"base config (_base_ = a relative path to configs/_base_/s5vh.py)")
     raw = _merge(raw, parse_overrides(overrides), "--cfg-options")
     return _resolve(raw)
 
