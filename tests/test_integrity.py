@@ -665,3 +665,12 @@ def test_eval_never_writes_into_another_runs_directory(data, capsys):
     code, _ = run_script(eval_script, ["--run", str(second), "--out", str(second)], capsys)
     assert code == 0 and "eval.json" in os.listdir(second)
 
+
+
+def test_a_usage_error_is_one_line(capsys):
+    from tools import paper, search
+    for script, argv in ((train_script, ["--nope"]), (eval_script, ["--bits", "x"]),
+                         (paper, ["nope"]), (paper, ["sweep", "--config"]),
+                         (search, ["--index", "i.npz"])):
+        code, err = run_script(script, argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: python "), err

@@ -29,7 +29,7 @@ from inference.evaluate import evaluate_baselines, evaluate_checkpoint, mean_poo
 from inference.metrics import precision_recall_by_radius, retrieval_metrics
 from optim.run_dir import read_log, read_run_config
 from optim.runner import plan_run, train_runs
-from utils.cli import run_cli
+from utils.cli import CommandParser, run_cli
 from utils.config import build_config, check_code_lengths, check_distinct
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -379,8 +379,11 @@ def run_sweep(exp, nbits, seeds, grid, eval_every):
     import itertools
     base = exp.cfg(f"nbits={nbits}")
     exp.check(base)
-    for key in grid:
-        _get_key(base, key)                  # an unknown key fails here, before any training
+    for key in grid:                         # an unknown key fails here, before any training
+        try:
+            _get_key(base, key)
+        except KeyError:
+            raise UserError(f"--grid {key}: not a config key") from None
     monitor = ["train.monitor='val'", f"train.eval_every={eval_every}"]
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     runs = {}
@@ -678,7 +681,7 @@ EXPERIMENTS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m tools.paper", description=__doc__.split("\n\n", 1)[0],
         epilog="experiments:\n" + "\n".join(f"  {name:<12} {summary}"
                                              for name, (summary, _) in EXPERIMENTS.items())

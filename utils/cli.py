@@ -20,12 +20,21 @@ def one_line(text, limit=MAX_MESSAGE):
     return f"{text[:keep]} […] {text[-keep:]}"
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line and exit code 2, as every other error
+    of a command is (the usage is in --help)."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
 def command_parser(prog, doc):
     """The argument parser of a command: its docstring's first paragraph as the description and
     the rest (examples, notes) after the options, laid out as written."""
     description, _, rest = doc.strip().partition("\n\n")
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=rest,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return CommandParser(prog=prog, description=description, epilog=rest,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def run_cli(main):
