@@ -230,6 +230,10 @@ def test_search_results_give_the_evaluations_map(trained, tmp_path):
         hits = np.cumsum(rel[:, :k], 1)
         ap = (rel[:, :k] * hits / np.arange(1, k + 1)).sum(1) / k
         assert ap.mean() == pytest.approx(evaluated["mAP"][k], abs=1e-6)   # float32 there
+    import hashlib
+    sources = CodeIndex.load(str(tmp_path / "i.npz")).meta["sources"]
+    assert sources == [{"file": db_feats, "videos": 48,
+                        "sha256": hashlib.sha256(open(db_feats, "rb").read()).hexdigest()}]
     codes = np.load(run_dir / "codes.npz")
     assert np.array_equal(CodeIndex.load(str(tmp_path / "i.npz")).index.reconstruct_n(0, 48),
                           pack_codes(codes["database"]))

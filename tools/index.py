@@ -2,10 +2,10 @@
 
 build: encodes every video of a features file (N, M, D) with the run's selected model
 (best.pth), packs the codes (B/8 bytes a video) and writes the index: exact (flat, default)
-or approximate (ivf, hnsw). The index records the run id, config fingerprint, code length and
-the videos' names (the features file's `names`, else FILE:row). add: appends the videos of
-another features file, encoded by the same run. Writes are atomic. Needs the `index` extra
-(pip install -e .[index]).
+or approximate (ivf, hnsw). The index records the run id, config fingerprint, code length, the
+videos' names (the features file's `names`, else FILE:row) and the sha256 of every features
+file it was made from. add: appends the videos of another features file, encoded by the same
+run. Writes are atomic. Needs the `index` extra (pip install -e .[index]).
 
 examples:
   python -m tools.index build --run work_dirs/ucf_64bits --features data/ucf/ucf_train_feats.h5 \\
@@ -24,6 +24,7 @@ from inference.extract import read_names
 from inference.index import KINDS, CodeIndex, IndexFileError
 from optim.run_dir import read_run_config
 from utils.cli import command_parser, run_cli
+from utils.content_hash import file_sha256
 from utils.device import resolve_device
 from utils.fileio import check_file, check_new_output
 from utils.errors import UserError
@@ -95,6 +96,10 @@ def main(argv=None):
     else:
         index.add(codes, names)
         out = args.index
+    # what the index was made from, every byte of it: the features files, in the order added
+    index.meta.setdefault("sources", []).append(
+        {"file": os.path.abspath(args.features), "sha256": file_sha256(args.features, "features"),
+         "videos": len(codes)})
     index.save(out)
     logger.info(f"{out}: {index.meta['count']:,} videos, {index.meta['nbits']} bits, "
                 f"{index.meta['kind']} (encoded {len(codes):,} in {encoded - start:.1f}s, "
