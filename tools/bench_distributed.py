@@ -28,10 +28,11 @@ import subprocess
 import sys
 import time
 
+from optim.run_dir import read_log
 from tools.benchmark import synthetic_ucf
 from utils.cli import command_parser, run_cli
 from utils.errors import UserError
-from utils.fileio import write_json
+from utils.fileio import read_json, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UCF_CONFIG = os.path.join("configs", "S5VH", "ucf.py")
@@ -72,14 +73,13 @@ def only_run(work):
     return os.path.join(work, names[0])
 
 
-def read_log(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def read_results(run_dir):
-    with open(os.path.join(run_dir, "results.json")) as f:
-        return json.load(f)
+    return read_json(os.path.join(run_dir, "results.json"), "run results")
+
+
+def run_log(run_dir):
+    """The finished run's log records (checked, as resume reads them)."""
+    return read_log(os.path.join(run_dir, "log.jsonl"), read_results(run_dir)["run_id"])
 
 
 def common_options(data_root, work_dir, epochs, *extra):
@@ -95,7 +95,7 @@ def one_run(name, processes, data_root, work_dir, epochs, *extra):
     wall = launch("train.py", processes, processes,
                   common_options(data_root, work, epochs, "nbits=64", *extra) + ["--replace"])
     run_dir = only_run(work)
-    log = read_log(run_dir)
+    log = run_log(run_dir)
     seconds = [r["train_seconds"] for r in log]
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     outside = wall - sum(seconds)
@@ -115,7 +115,7 @@ def equality(processes, data_root, work_dir, epochs):
         work = os.path.join(work_dir, f"equality_{count}")
         launch("train.py", count, count, common_options(data_root, work, epochs, *extra)
                + ["--replace"])
-        logs.append(read_log(only_run(work)))
+        logs.append(run_log(only_run(work)))
         maps.append(read_results(only_run(work))["test_mAP"])
     one, many = logs
     worst = {}
