@@ -122,11 +122,13 @@ class TrainStep:
     """`train_step` of one run: its model, optimizer, label table and device-resident features
     (N, M, D), in any float dtype (bf16 ones are widened per batch).
 
-    With `cuda_graphs`, full batches on CUDA replay a captured graph of the whole step (forward,
+    With `cuda_graphs`, steps on CUDA replay a captured graph of the whole step (forward,
     backward, fused AdamW, label-table update), which removes the per-kernel launch cost that
-    dominates a model this small: one graph per phase (warm-up, smoothing), both in one memory
-    pool (the phases never overlap), captured after a few eager steps. Other batches (the last,
-    smaller one) run eagerly on the same parameters. Everything runs on the current stream,
+    dominates a model this small: one graph per phase (warm-up, smoothing) and batch size (the
+    full batches and the epoch's last, smaller one), each captured after a few eager steps of its
+    own. Graphs of one batch size share a memory pool (their phases never overlap); the last
+    batch's graphs have a pool of their own, since they replay between the full ones and their
+    temporaries must not land on memory the others hold. Everything runs on the current stream,
     which must not be the default stream when graphs are used (the runner gives each run its
     own): the eager steps before a capture are then on a side stream, as CUDA graphs require,
     and no tensor of a step is ever used on another stream than the one it was made on.
@@ -141,7 +143,7 @@ class TrainStep:
         self.features, self.label_table, self.amp = features, label_table, amp
         self.batch_size, self.shard = batch_size, shard
         self.use_graphs = cuda_graphs and features.is_cuda and shard is None
-        self.graphs, self.eager_counts, self.pool = {}, {}, None
+        self.graphs, self.eager_counts, self.pools = {}, {}, {}
 
     def _eager(self, inputs, smoothing_beta, count=None):
         x = self.features[inputs.index].float()
@@ -152,19 +154,19 @@ class TrainStep:
         """One step on `inputs` (StepInputs; with a shard, this process's rows of a global
         batch of `count` videos); smoothing_beta: beta or None (warm-up).
         Returns (loss, {'rec', 'con', 'ca'}) as device tensors."""
-        phase = smoothing_beta is not None
-        if not self.use_graphs or len(inputs.index) != self.batch_size:
+        if not self.use_graphs:
             return self._eager(inputs, smoothing_beta, count)
         if torch.cuda.current_stream() == torch.cuda.default_stream():
             raise RuntimeError("TrainStep with CUDA graphs runs on a stream of its own (the "
                                "eager steps before a capture must not be on the default one)")
-        if phase not in self.graphs:
-            count = self.eager_counts.get(phase, 0)
-            if count < self.EAGER_STEPS_BEFORE_CAPTURE:
-                self.eager_counts[phase] = count + 1
+        key = (smoothing_beta is not None, len(inputs.index))          # (phase, batch size)
+        if key not in self.graphs:
+            eager_steps = self.eager_counts.get(key, 0)
+            if eager_steps < self.EAGER_STEPS_BEFORE_CAPTURE:
+                self.eager_counts[key] = eager_steps + 1
                 return self._eager(inputs, smoothing_beta)
-            self.graphs[phase] = self._capture(inputs, smoothing_beta)
-        graph, static, outputs = self.graphs[phase]
+            self.graphs[key] = self._capture(inputs, smoothing_beta)
+        graph, static, outputs = self.graphs[key]
         for name in ("index", "visible", "masked", "path_noise"):
             getattr(static, name).copy_(getattr(inputs, name))
         graph.replay()
@@ -179,9 +181,10 @@ class TrainStep:
         # captured on the run's own stream: a capture stream taken from torch's pool of streams
         # can be another run's stream, and the cuBLAS workspace made for it during the capture
         # (kept per stream, in this graph's memory) would then be shared by two runs at once
-        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream()):
+        size, stream = len(inputs.index), torch.cuda.current_stream()
+        with torch.cuda.graph(graph, pool=self.pools.get(size), stream=stream):
             outputs = self._eager(static, smoothing_beta)
-        self.pool = graph.pool()
+        self.pools[size] = graph.pool()
         return graph, static, outputs
 
 

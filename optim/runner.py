@@ -445,7 +445,8 @@ def _check_device_memory(device, cuda):
         if key not in measured:
             with torch.cuda.device(device):       # the Triton scan launches on the current one
                 measured[key] = _step_memory(run)
-        need += measured[key] * (2 if run.step.use_graphs else 1)   # graph pool + eager steps
+        # the graph pools of the full and the last batch, and the eager steps before capture
+        need += measured[key] * (3 if run.step.use_graphs else 1)
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if need * MEMORY_MARGIN > free:
