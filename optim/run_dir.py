@@ -219,4 +219,11 @@ def finished_results(run_dir, record):
     results = check_structure(read_json(path, "results file"), RESULTS_SPEC, path)
     if results["run_id"] != record["run_id"]:
         raise RunDirError(f"{path} belongs to another run ({results['run_id']!r})")
+    # as a run that finishes now reports them: the cut-offs R as integers (JSON keeps strings)
+    for key in ("test_mAP", "test_precision"):
+        if key in results:
+            if not all(isinstance(r, str) and r.isdigit() for r in results[key]):
+                raise RunDirError(f"{path} ['{key}']: expected cut-offs R as keys, got "
+                                  f"{sorted(results[key])!r}")
+            results[key] = {int(r): value for r, value in results[key].items()}
     return results

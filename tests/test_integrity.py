@@ -577,6 +577,10 @@ def _damage(path, change):
      "preprocess_record.json: 'complete' must be bool, got str"),
     ("results.json", lambda run, demo: (run / "results.json").write_text('{"run_id": 3}'),
      "results.json: 'run_id' must be str, got int"),
+    ("results.json cut-offs", lambda run, demo: (run / "results.json").write_text(json.dumps(
+        {"run_id": json.loads((run / "config.json").read_text())["run_id"], "selection": "last",
+         "nbits": 16, "test_mAP": {"five": 0.5}, "runtime": {}})),
+     "results.json ['test_mAP']: expected cut-offs R as keys, got ['five']"),
     ("log line", lambda run, demo: (run / "log.jsonl").write_text(
         (run / "log.jsonl").read_text().replace('"epoch": 1,', '"epoch": "1",', 1)),
      "log.jsonl: line 1: 'epoch' must be int, got str"),

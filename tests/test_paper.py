@@ -212,3 +212,7 @@ def test_sweep_crosses_the_grid_and_chooses_by_validation(root):
         "other_clusters" and config["seed"] == 2 and config["train"]["monitor"] == "val"
     assert (root / "out" / "sweep.png").exists() and "(chosen)" in (root / "out" /
                                                                       "sweep.md").read_text()
+    # a second call reports the finished runs (read back from results.json) as the first did
+    again = call(root, "sweep", "--bits", "16", "--seeds", "1", "2", "--eval-every", "1",
+                 "--grid", "train.a_cluster=0.1,1.0", "train.negatives=all,other_clusters")
+    assert [r["test_selected"] for r in again] == [r["test_selected"] for r in rows]

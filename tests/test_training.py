@@ -286,6 +286,12 @@ def test_seed_study_pairs_variants_by_seed(tmp_path, capsys):
     assert summary["base"][100]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
     assert "paired diff vs base" in capsys.readouterr().out
     assert json.loads(out.read_text())["variants"] == {"base": [], "short_mask": ["train.mask_ratio=0.25"]}
+    # a second call reuses the finished runs, read back from their results.json, as they were
+    again, _ = seed_study.main([
+        "--config", DEMO_CONFIG, "--seeds", "1", "2", "--variant", "base",
+        "--variant", "short_mask", "train.mask_ratio=0.25", "--cfg-options", *options,
+        "--work-dir", str(tmp_path / "study"), "--out", str(tmp_path / "study2.json")])
+    assert again == results
 
 
 def test_other_cluster_negatives_leave_the_anchor_cluster_out(rng):

@@ -406,7 +406,7 @@ def run_sweep(exp, nbits, seeds, grid, eval_every):
                "val_selected": {k: _mean_std([c[e][k] for c, e in zip(curves, selected)])
                                 for k in SWEEP_K},
                "val_last": {k: _mean_std_at(curves, last, k) for k in SWEEP_K},
-               "test_selected": {k: _mean_std([trained[n]["test_mAP"][k] for n in names])
+               "test_selected": {k: _mean_std([_maps(trained[n])[k] for n in names])
                                  for k in SWEEP_K},
                "epochs": sorted(curves[0]),
                "val_curve": {k: [statistics.mean(c[e][k] for c in curves)
