@@ -122,16 +122,16 @@ class TrainStep:
     """`train_step` of one run: its model, optimizer, label table and device-resident features
     (N, M, D), in any float dtype (bf16 ones are widened per batch).
 
-    With `cuda_graphs`, steps on CUDA replay a captured graph of the whole step (forward,
+    With `cuda_graphs`, every step on CUDA replays a captured graph of the whole step (forward,
     backward, fused AdamW, label-table update), which removes the per-kernel launch cost that
     dominates a model this small: one graph per phase (warm-up, smoothing) and batch size (the
-    full batches and the epoch's last, smaller one), each captured after a few eager steps of its
-    own. Graphs of one batch size share a memory pool (their phases never overlap); the last
-    batch's graphs have a pool of their own, since they replay between the full ones and their
-    temporaries must not land on memory the others hold. Everything runs on the current stream,
-    which must not be the default stream when graphs are used (the runner gives each run its
-    own): the eager steps before a capture are then on a side stream, as CUDA graphs require,
-    and no tensor of a step is ever used on another stream than the one it was made on.
+    full batches and the epoch's last, smaller one), all captured by `capture_graphs` before the
+    first step. Graphs of one batch size share a memory pool (their phases never overlap); the
+    last batch's graphs have a pool of their own, since they replay between the full ones and
+    their temporaries must not land on memory the others hold. Everything runs on the current
+    stream, which must not be the default stream when graphs are used (the runner gives each run
+    its own): the eager steps before a capture are then on a side stream, as CUDA graphs
+    require, and no tensor of a step is ever used on another stream than the one it was made on.
     """
 
     EAGER_STEPS_BEFORE_CAPTURE = 3
@@ -143,7 +143,7 @@ class TrainStep:
         self.features, self.label_table, self.amp = features, label_table, amp
         self.batch_size, self.shard = batch_size, shard
         self.use_graphs = cuda_graphs and features.is_cuda and shard is None
-        self.graphs, self.eager_counts, self.pools = {}, {}, {}
+        self.graphs, self.pools = {}, {}
 
     def _eager(self, inputs, smoothing_beta, count=None):
         x = self.features[inputs.index].float()
@@ -156,21 +156,48 @@ class TrainStep:
         Returns (loss, {'rec', 'con', 'ca'}) as device tensors."""
         if not self.use_graphs:
             return self._eager(inputs, smoothing_beta, count)
-        if torch.cuda.current_stream() == torch.cuda.default_stream():
-            raise RuntimeError("TrainStep with CUDA graphs runs on a stream of its own (the "
-                               "eager steps before a capture must not be on the default one)")
         key = (smoothing_beta is not None, len(inputs.index))          # (phase, batch size)
         if key not in self.graphs:
-            eager_steps = self.eager_counts.get(key, 0)
-            if eager_steps < self.EAGER_STEPS_BEFORE_CAPTURE:
-                self.eager_counts[key] = eager_steps + 1
-                return self._eager(inputs, smoothing_beta)
-            self.graphs[key] = self._capture(inputs, smoothing_beta)
+            raise RuntimeError(f"no CUDA graph was captured for the step {key} (phase, batch "
+                               f"size); capture_graphs takes an example of every step")
         graph, static, outputs = self.graphs[key]
         for name in ("index", "visible", "masked", "path_noise"):
             getattr(static, name).copy_(getattr(inputs, name))
         graph.replay()
         return outputs
+
+    def capture_graphs(self, examples):
+        """Capture the graph of each step in `examples`, [(StepInputs, smoothing_beta)], one per
+        (phase, batch size), before training. A few eager steps of each come first (cuBLAS, the
+        Triton kernels and the optimizer's state are set up lazily, and not during a capture);
+        then every tensor a step changes is put back as it was, so that those steps leave no
+        trace. Every step of the run is then a replay, and a resumed run replays exactly what an
+        uninterrupted one did (an eager step can differ from its replay in the last bits)."""
+        if torch.cuda.current_stream() == torch.cuda.default_stream():
+            raise RuntimeError("TrainStep with CUDA graphs runs on a stream of its own (the "
+                               "eager steps before a capture must not be on the default one)")
+        before = {id(t): (t, t.detach().clone()) for t in self._state_tensors()}
+        for inputs, smoothing_beta in examples:
+            for _ in range(self.EAGER_STEPS_BEFORE_CAPTURE):
+                self._eager(inputs, smoothing_beta)
+        with torch.no_grad():
+            for t in self._state_tensors():
+                if id(t) in before:
+                    t.copy_(before[id(t)][1])
+                else:               # optimizer state the eager steps made: zeros, as torch does
+                    t.zero_()
+        for inputs, smoothing_beta in examples:
+            key = (smoothing_beta is not None, len(inputs.index))
+            self.graphs[key] = self._capture(inputs, smoothing_beta)
+
+    def _state_tensors(self):
+        """Every tensor a step changes: weights and buffers, the optimizer's state (the step
+        count and moments), the label table."""
+        tensors = [*self.model.state_dict(keep_vars=True).values(),
+                   *self.criterion.state_dict(keep_vars=True).values(), self.label_table.table]
+        for state in self.optimizer.state.values():
+            tensors += [value for value in state.values() if torch.is_tensor(value)]
+        return tensors
 
     def _capture(self, inputs, smoothing_beta):
         """Capture the step on static copies of the inputs; capturing records, replay runs."""
@@ -186,6 +213,23 @@ class TrainStep:
             outputs = self._eager(static, smoothing_beta)
         self.pools[size] = graph.pool()
         return graph, static, outputs
+
+
+def step_examples(cfg, num_videos, depth, device, start_epoch=0):
+    """An example of every kind of step that epochs start_epoch.. of `cfg` take, for
+    TrainStep.capture_graphs: [(StepInputs, smoothing_beta)] for each phase still ahead
+    (warm-up, smoothing) and each batch size of an epoch (batch_indices decides them)."""
+    t = cfg.train
+    generator = torch.Generator(device=device).manual_seed(0)
+    sizes = sorted({len(b) for b in batch_indices(num_videos, t.batch_size, generator, device)},
+                   reverse=True)
+    phases = []
+    if start_epoch < min(t.warm_up_epoch, t.num_epochs):
+        phases.append(None)
+    if max(start_epoch, t.warm_up_epoch) < t.num_epochs:
+        phases.append(t.smoothing_beta)
+    return [(draw_step_inputs(torch.arange(size, device=device), cfg.max_frames, t.mask_ratio,
+                              depth, generator), beta) for beta in phases for size in sizes]
 
 
 def batch_indices(num_videos, batch_size, generator, device):

@@ -33,7 +33,8 @@ from Loss.losses import LabelTable, S5VHLoss
 from model.s5vh import build_model
 from optim.distributed import (ShardError, agree, any_process, lost_process,
                                mean_over_processes)
-from optim.engine import TrainStep, draw_step_inputs, train_one_epoch, training_loss
+from optim.engine import (TrainStep, draw_step_inputs, step_examples, train_one_epoch,
+                          training_loss)
 from optim.optimizer import build_optimizer, cosine_lr, set_epoch_lr
 from optim.run_dir import (CONFIG_FILE, RunDirError, RunLog, check_fresh, check_run_inputs,
                            empty, finished_results, input_digests, new_run_id, read_log,
@@ -215,7 +216,12 @@ def resume(run, state, records):
         path = run.path("last.pth")
         load_weights(run.model, state["model"], path)
         load_weights(run.criterion, state["criterion"], path)
+        rates = [group["lr"] for group in run.optimizer.param_groups]
         load_weights(run.optimizer, state["optimizer"], path)
+        for group, rate in zip(run.optimizer.param_groups, rates):
+            if torch.is_tensor(rate):       # graph replay reads the rate from this device tensor
+                rate.fill_(float(group["lr"]))
+                group["lr"] = rate
         try:
             run.label_table.load_state_dict(state["label_table"])
         except ValueError as err:
@@ -344,6 +350,11 @@ def fit(run, writer, stop):
     Returns True when the run reached its last epoch, False when `stop` ended it early (after
     the epoch in progress, with a checkpoint)."""
     cfg = run.cfg
+    if run.step.use_graphs:
+        began = time.perf_counter()
+        run.step.capture_graphs(step_examples(cfg, len(run.step.features), run.model.depth,
+                                              run.device, run.start_epoch))
+        run.timing["graph capture"] = round(time.perf_counter() - began, 3)
     for epoch in range(run.start_epoch, cfg.train.num_epochs):
         set_epoch_lr(run.optimizer, cosine_lr(cfg, epoch))
         began = time.perf_counter()

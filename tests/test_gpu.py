@@ -57,17 +57,24 @@ def _graph_setup(amp=False, graphs=False, impl="cuda"):
 
 def _run_steps(step, optimizer, count=10):
     """`count` steps, half in warm-up and half smoothing; every third a smaller batch of 6, as
-    an epoch's last batch."""
+    an epoch's last batch. A graphed step captures its four graphs first."""
     from optim.engine import draw_step_inputs
     from optim.optimizer import set_epoch_lr
     gen = torch.Generator("cuda").manual_seed(3)
+    steps = []
+    for i in range(count):
+        index = torch.randperm(40, generator=gen, device="cuda")[:6 if i % 3 == 2 else 8]
+        steps.append((draw_step_inputs(index, FRAMES, 0.5, step.model.depth, gen),
+                      None if i < count // 2 else 0.01))
     losses = []
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        for i in range(count):
-            index = torch.randperm(40, generator=gen, device="cuda")[:6 if i % 3 == 2 else 8]
-            inputs = draw_step_inputs(index, FRAMES, 0.5, step.model.depth, gen)
-            loss, _ = step(inputs, None if i < count // 2 else 0.01)
+        if step.use_graphs:
+            examples = {(beta is not None, len(inputs.index)): (inputs, beta)
+                        for inputs, beta in steps}
+            step.capture_graphs(list(examples.values()))
+        for i, (inputs, beta) in enumerate(steps):
+            loss, _ = step(inputs, beta)
             losses.append(float(loss))
             if i == count // 2 + 1:
                 set_epoch_lr(optimizer, 2e-4)
@@ -96,6 +103,38 @@ def test_bf16_steps_are_finite_and_close_to_float32():
     a, b = _run_steps(step32, opt32), _run_steps(step16, opt16)
     assert all(torch.isfinite(torch.tensor(b)))
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.05 * max(abs(x) for x in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stop_after", [1, 3])              # in warm-up, after it
+def test_a_resumed_gpu_run_equals_an_uninterrupted_one(tmp_path, stop_after):
+    """With CUDA graphs every step is a replay, the first ones too, so a run resumed after a kill
+    replays exactly the steps of one that was never stopped: bit for bit the same weights,
+    label table and losses."""
+    import json
+
+    from optim.engine import step_examples
+    from optim.runner import start_run
+    from tests.test_training import (TINY, interrupted_run, make_tiny_demo, resume,
+                                     tiny_run_config)
+    from utils.checkpoint import load_checkpoint
+    make_tiny_demo(str(tmp_path))
+    cuda = [item.replace("'cpu'", "'cuda'") for item in TINY]
+    cfg = tiny_run_config(tmp_path, *cuda, "train.num_epochs=5", "train.warm_up_epoch=2",
+                          "train.batch_size=10")
+    assert len(step_examples(cfg, 48, 2, "cpu")) == 4     # both phases, full and last batch
+    start_run(cfg, str(tmp_path / "full"), progress=False)
+    interrupted_run(cfg, str(tmp_path / "cut"), stop_after)
+    resume(str(tmp_path / "cut"))
+    a = load_checkpoint(str(tmp_path / "full" / "last.pth"))
+    b = load_checkpoint(str(tmp_path / "cut" / "last.pth"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["label_table"]["table"], b["label_table"]["table"])
+    logs = [[{k: r[k] for k in ("loss", "rec", "con", "ca")}
+             for r in map(json.loads, open(tmp_path / name / "log.jsonl"))]
+            for name in ("full", "cut")]
+    assert logs[0] == logs[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -161,8 +161,17 @@ def _rates(steps, models, features, phase_steps, batch, warmup_steps=5):
     """Aggregate videos/s of `steps` (each on its own stream, taking turns) per phase."""
     cfg = ucf_config()
     streams = [new_stream() for _ in steps]
+    phases = (("warm_up", None), ("smoothing", cfg.train.smoothing_beta))
+    for step, model, stream in zip(steps, models, streams):
+        if getattr(step, "use_graphs", False):         # the library step with CUDA graphs
+            with on(stream):
+                gen = epoch_generator(0, 0, DEVICE)
+                index = torch.arange(batch, device=DEVICE)
+                step.capture_graphs([(draw_step_inputs(index, cfg.max_frames,
+                                                       cfg.train.mask_ratio, model.depth, gen),
+                                      beta) for _, beta in phases])
     rates = {}
-    for phase, beta in (("warm_up", None), ("smoothing", cfg.train.smoothing_beta)):
+    for phase, beta in phases:
         gens = [epoch_generator(i, 0, DEVICE) for i in range(len(steps))]
         for i in range(warmup_steps + phase_steps):
             if i == warmup_steps:
