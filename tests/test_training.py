@@ -327,3 +327,22 @@ def test_the_log_shows_how_far_the_label_table_moved(tmp_path):
     assert changed == pytest.approx(1 / 3)                # only video 0 left its cluster
     h = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in (0.4, 0.45)]
     assert entropy == pytest.approx(sum(h) / 3, rel=1e-6)
+
+
+def test_step_examples_cover_every_step_still_ahead(tmp_path):
+    """The graphs captured before training are one per (phase, batch size) of the epochs ahead:
+    the sizes batch_indices cuts, warm-up only while it lasts."""
+    from optim.engine import step_examples
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=5", "train.warm_up_epoch=2",
+                          "train.batch_size=10")
+
+    def kinds(num_videos, start_epoch=0):
+        return [(beta, len(inputs.index), tuple(inputs.visible.shape))
+                for inputs, beta in step_examples(cfg, num_videos, 2, "cpu", start_epoch)]
+    beta = cfg.train.smoothing_beta
+    assert [k[:2] for k in kinds(48)] == [(None, 10), (None, 8), (beta, 10), (beta, 8)]
+    assert kinds(48)[1][2] == (16, cfg.max_frames - int(cfg.max_frames * cfg.train.mask_ratio))
+    assert [k[:2] for k in kinds(41)] == [(None, 10), (beta, 10)]   # a last batch of 1: dropped
+    assert [k[:2] for k in kinds(7)] == [(None, 7), (beta, 7)]
+    assert [k[:2] for k in kinds(48, start_epoch=2)] == [(beta, 10), (beta, 8)]
+    assert kinds(48, start_epoch=5) == []
