@@ -42,7 +42,7 @@ from optim.run_dir import (CONFIG_FILE, RunDirError, RunLog, check_fresh, check_
 from utils.checkpoint import (RESUME_SPEC, CheckpointError, CheckpointWriter, host_copy,
                               load_checkpoint, load_weights, model_meta)
 from utils.config import config_fingerprint, plain_config, same_experiment
-from utils.device import resolve_device
+from utils.device import resolve_device, return_freed_host_memory
 from utils.errors import Interrupted, UserError
 from utils.fileio import dir_lock, json_text, remove_stale_temporaries, write_json
 from utils.log import get_logger, log_to_file
@@ -155,6 +155,8 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None, shard=None, device
     GPU a group of runs placed it on (default: the config's device)."""
     t = cfg.train
     device = shard.device if shard is not None else device or resolve_device(t.device)
+    if device.type == "cpu":
+        return_freed_host_memory()
     seed_everything(cfg.seed)
     clock = _Clock()
     with preprocessed(cfg) as status:       # read the files while no one can replace them

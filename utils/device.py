@@ -1,4 +1,7 @@
-"""The torch device a config asks for."""
+"""The torch device a config asks for, and the host allocator's settings for CPU training."""
+import ctypes
+import platform
+
 import torch
 
 from utils.errors import UserError
@@ -11,3 +14,27 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device='cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+# glibc's malloc options (malloc.h)
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+HOST_MMAP_THRESHOLD = 8 << 20
+
+
+def return_freed_host_memory():
+    """Make glibc's malloc give large freed blocks back to the system (elsewhere: nothing).
+
+    A training step on the CPU allocates and frees thousands of tensors of a few MB. With glibc's
+    defaults (a heap per thread, and a mmap threshold that rises to 32 MiB after the first large
+    block is freed) the freed blocks stay in the heaps, fragmented: on ucf_dev the resident
+    memory of identical runs peaked anywhere from 2.4 to 5.5 GB for a live set near 1.5 GB. One
+    heap and a fixed threshold of 8 MiB (blocks at least that large are mapped and unmapped on
+    their own) kept it at 2.2-2.9 GB at the same speed; a lower threshold saves more but every
+    mapping costs page faults (2 MiB: 1.6 GB at three times the time). README, "Training,
+    evaluation, preprocessing".
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt(_M_ARENA_MAX, 1)
+    mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
