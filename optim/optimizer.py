@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from utils.checkpoint import load_weights
+
 
 def build_optimizer(cfg, model, criterion, graphs=False):
     """AdamW over every trainable parameter (weight decay on all): the fused kernel when every
@@ -32,3 +34,16 @@ def set_epoch_lr(optimizer, lr):
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
+
+
+def load_optimizer_state(optimizer, state, path):
+    """optimizer.load_state_dict(state), a mismatch being one line naming the checkpoint `path`.
+    A learning rate that is a device tensor (graph replay reads it) stays that tensor, now
+    holding the loaded rate: load_state_dict alone would put the checkpoint's host copy in its
+    place, and a graph captured afterwards would keep one rate for the rest of the run."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    load_weights(optimizer, state, path)
+    for group, rate in zip(optimizer.param_groups, rates):
+        if torch.is_tensor(rate):
+            rate.fill_(float(group["lr"]))
+            group["lr"] = rate

@@ -35,7 +35,7 @@ from optim.distributed import (ShardError, agree, any_process, lost_process,
                                mean_over_processes)
 from optim.engine import (TrainStep, draw_step_inputs, step_examples, train_one_epoch,
                           training_loss)
-from optim.optimizer import build_optimizer, cosine_lr, set_epoch_lr
+from optim.optimizer import build_optimizer, cosine_lr, load_optimizer_state, set_epoch_lr
 from optim.run_dir import (CONFIG_FILE, RunDirError, RunLog, check_fresh, check_run_inputs,
                            empty, finished_results, input_digests, new_run_id, read_log,
                            read_run_config, rewrite_log, write_run_config)
@@ -218,12 +218,7 @@ def resume(run, state, records):
         path = run.path("last.pth")
         load_weights(run.model, state["model"], path)
         load_weights(run.criterion, state["criterion"], path)
-        rates = [group["lr"] for group in run.optimizer.param_groups]
-        load_weights(run.optimizer, state["optimizer"], path)
-        for group, rate in zip(run.optimizer.param_groups, rates):
-            if torch.is_tensor(rate):       # graph replay reads the rate from this device tensor
-                rate.fill_(float(group["lr"]))
-                group["lr"] = rate
+        load_optimizer_state(run.optimizer, state["optimizer"], path)
         try:
             run.label_table.load_state_dict(state["label_table"])
         except ValueError as err:

@@ -346,3 +346,22 @@ def test_step_examples_cover_every_step_still_ahead(tmp_path):
     assert [k[:2] for k in kinds(7)] == [(None, 7), (beta, 7)]
     assert [k[:2] for k in kinds(48, start_epoch=2)] == [(beta, 10), (beta, 8)]
     assert kinds(48, start_epoch=5) == []
+
+
+def test_loading_an_optimizer_keeps_its_device_learning_rate_tensor(tmp_path):
+    """Graph replay reads the learning rate from one tensor that set_epoch_lr refills; loading a
+    checkpoint must put the saved rate into that tensor, not replace it."""
+    from optim.optimizer import load_optimizer_state, set_epoch_lr
+    weight = torch.nn.Parameter(torch.ones(3))
+    rate = torch.tensor(5e-4)
+    optimizer = torch.optim.AdamW([weight], lr=rate)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    set_epoch_lr(optimizer, 2e-4)
+    torch.save(optimizer.state_dict(), tmp_path / "opt.pth")
+    set_epoch_lr(optimizer, 1e-3)
+    load_optimizer_state(optimizer, torch.load(tmp_path / "opt.pth", weights_only=True),
+                         str(tmp_path / "opt.pth"))
+    assert optimizer.param_groups[0]["lr"] is rate and float(rate) == pytest.approx(2e-4)
+    set_epoch_lr(optimizer, 3e-4)                     # what the epoch loop does next
+    assert float(rate) == pytest.approx(3e-4)
