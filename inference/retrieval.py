@@ -22,7 +22,8 @@ class RetrievalSet:
     """Database and queries (labelled VideoSets) of one protocol.
 
     With `train_videos` and their resident (N, M, D) `train_features`, videos that are rows of the
-    training set are encoded from that tensor instead of being read from the file again.
+    training set are encoded from that tensor instead of being read from the file again, one
+    `eval.batch_size` block at a time (not gathered into one copy of the whole set first).
     """
 
     def __init__(self, name, database, queries, train_videos=None, train_features=None):
@@ -36,7 +37,8 @@ class RetrievalSet:
             if all(int(r) in position for r in videos.rows):
                 rows = torch.tensor([position[int(r)] for r in videos.rows],
                                     device=train_features.device)
-                return train_features[rows]
+                batch = cfg.eval.batch_size
+                return (train_features[rows[i:i + batch]] for i in range(0, len(rows), batch))
         return videos.iter_blocks(cfg, cfg.eval.batch_size)
 
     def _encode(self, model, videos, cfg, device):

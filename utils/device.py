@@ -1,5 +1,6 @@
 """The torch device a config asks for, and the host allocator's settings for CPU training."""
 import ctypes
+import os
 import platform
 
 import torch
@@ -30,11 +31,14 @@ def return_freed_host_memory():
     memory of identical runs peaked anywhere from 2.4 to 5.5 GB for a live set near 1.5 GB. One
     heap and a fixed threshold of 8 MiB (blocks at least that large are mapped and unmapped on
     their own) kept it at 2.2-2.9 GB at the same speed; a lower threshold saves more but every
-    mapping costs page faults (2 MiB: 1.6 GB at three times the time). README, "Training,
-    evaluation, preprocessing".
+    mapping costs page faults (2 MiB: 1.6 GB at three times the time). glibc settings in the
+    environment take precedence. README, "Training, evaluation, preprocessing".
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
+    if any(name in os.environ for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
+                                           "GLIBC_TUNABLES")):
+        return                                      # the user's own settings win
     mallopt = ctypes.CDLL(None).mallopt
     mallopt(_M_ARENA_MAX, 1)
     mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
