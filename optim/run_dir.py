@@ -225,5 +225,8 @@ def finished_results(run_dir, record):
             if not all(isinstance(r, str) and r.isdigit() for r in results[key]):
                 raise RunDirError(f"{path} ['{key}']: expected cut-offs R as keys, got "
                                   f"{sorted(results[key])!r}")
+            if not all(type(v) in (int, float) for v in results[key].values()):
+                raise RunDirError(f"{path} ['{key}']: expected a number for every cut-off, got "
+                                  f"{list(results[key].values())!r}")
             results[key] = {int(r): value for r, value in results[key].items()}
     return results

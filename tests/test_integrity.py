@@ -581,6 +581,10 @@ def _damage(path, change):
         {"run_id": json.loads((run / "config.json").read_text())["run_id"], "selection": "last",
          "nbits": 16, "test_mAP": {"five": 0.5}, "runtime": {}})),
      "results.json ['test_mAP']: expected cut-offs R as keys, got ['five']"),
+    ("results.json values", lambda run, demo: (run / "results.json").write_text(json.dumps(
+        {"run_id": json.loads((run / "config.json").read_text())["run_id"], "selection": "last",
+         "nbits": 16, "test_mAP": {"5": "high"}, "runtime": {}})),
+     "results.json ['test_mAP']: expected a number for every cut-off, got ['high']"),
     ("log line", lambda run, demo: (run / "log.jsonl").write_text(
         (run / "log.jsonl").read_text().replace('"epoch": 1,', '"epoch": "1",', 1)),
      "log.jsonl: line 1: 'epoch' must be int, got str"),
