@@ -20,6 +20,9 @@ One run over several processes (data parallel; NCCL between GPUs, gloo on CPUs),
 batch split between them and the result that of one process within float rounding:
   torchrun --nproc-per-node 2 train.py --config configs/S5VH/fcv.py
 """
+import time
+
+STARTED = time.perf_counter()       # before the imports below: start-up counts them
 
 from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
@@ -111,6 +114,7 @@ def main(argv=None):
 
 def _train(args, jobs, shard):
     bits = sorted({job.cfg.nbits for job in jobs})
+    checks_began = time.perf_counter()
     for job in jobs:                            # every check before any work
         if shard is not None:
             check_batch(shard, job.cfg.train.batch_size)
@@ -124,6 +128,9 @@ def _train(args, jobs, shard):
                 check_fresh(job.run_dir, job.replace)
         else:
             check_run_inputs(job.cfg, job.record)
+    if shard is None or shard.writes:
+        logger.info(f"start-up: imports {checks_began - STARTED:.2f}s, input checks "
+                    f"{time.perf_counter() - checks_began:.2f}s")
     results = train_runs(jobs, progress=not args.no_progress, concurrent=args.concurrent,
                          shard=shard)
     if shard is not None and not shard.writes:
