@@ -87,6 +87,7 @@ class StepOptions:
     bf16: bool = False
     mamba_impl: str = "cuda"    # mamba_ssm's selective scan, or 'triton' (short sequences)
     two_streams: bool = False   # the two scan directions on two CUDA streams
+    compiled: bool = False      # model and loss through torch.compile (Inductor fuses kernels)
 
 
 LADDER = [
@@ -97,6 +98,8 @@ LADDER = [
     ("+ Triton short-sequence scan (the default)", StepOptions(True, True, True, "triton")),
     ("+ directions on two streams", StepOptions(True, True, True, "triton", True)),
     ("default in float32 (no bf16)", StepOptions(True, True, False, "triton")),
+    ("default + torch.compile of model and loss", StepOptions(True, True, True, "triton",
+                                                              compiled=True)),
 ]
 DEFAULT_RUNG = "+ Triton short-sequence scan (the default)"
 
@@ -153,7 +156,11 @@ def make_step(opts, features, centers, labels, batch=128, nbits=64):
     if not opts.library_step:
         return PlainStep(model, criterion, features.cpu(), table, cfg), model
     optimizer = build_optimizer(cfg, model, criterion, graphs=opts.cuda_graph)
-    return TrainStep(model, criterion, optimizer, features, table, batch, amp=opts.bf16,
+    if opts.compiled:       # the compiled modules share the parameters the optimizer holds
+        step_model, criterion = torch.compile(model), torch.compile(criterion)
+    else:
+        step_model = model
+    return TrainStep(step_model, criterion, optimizer, features, table, batch, amp=opts.bf16,
                      cuda_graphs=opts.cuda_graph), model
 
 
