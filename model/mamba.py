@@ -7,9 +7,13 @@ recurrence over time in plain PyTorch and is the reference every kernel is check
 `model.scan_triton.selective_scan_triton`, a kernel for short sequences (S5VH's 25 frames) that
 is several times faster there than mamba_ssm's (`python -m tools.bench_scan`).
 
+Its causal convolution and SiLU are likewise `causal_conv1d_silu_ref` (PyTorch's convolution) or
+`model.conv_triton.causal_conv1d_silu_triton` (one fused kernel, several times faster at these
+shapes: `python -m tools.bench_scan --conv`).
+
 Implementations (`model.mamba_impl`), fixed when the model is built:
-    plain   MambaMixer + selective_scan_ref (any device; the CPU path)
-    triton  MambaMixer + selective_scan_triton (CUDA, Triton)
+    plain   MambaMixer + selective_scan_ref + causal_conv1d_silu_ref (any device; the CPU path)
+    triton  MambaMixer + both Triton kernels (CUDA, Triton)
     cuda    mamba_ssm.Mamba (CUDA, the mamba-ssm package); chunked, best for long sequences
     auto    triton for models of at most SHORT_SCAN_MAX_FRAMES frames, else cuda, on a CUDA
             model when the package is there; plain otherwise
@@ -68,15 +72,25 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
     return y.to(dtype)
 
 
+def causal_conv1d_silu_ref(x, weight, bias):
+    """silu of the causal depthwise convolution of x: per channel e,
+    y_t = silu(bias_e + sum_k weight_{e,k} x_{t-(K-1)+k}), x_t = 0 for t < 0.
+    x: (b, E, L); weight: (E, K); bias: (E,) -> (b, E, L)."""
+    length, taps = x.shape[-1], weight.shape[1]
+    return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=taps - 1,
+                           groups=weight.shape[0])[..., :length])
+
+
 class MambaMixer(nn.Module):
     """The Mamba block of mamba_ssm (same parameters, same computation) around a selective scan
-    with the signature of `selective_scan_ref` (`scan`: that function or the Triton kernel)."""
+    with the signature of `selective_scan_ref` (`scan`: that function or the Triton kernel) and
+    a causal convolution with that of `causal_conv1d_silu_ref` (`conv`: it or its kernel)."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
                  dt_max=0.1, dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 scan=selective_scan_ref):
+                 scan=selective_scan_ref, conv=causal_conv1d_silu_ref):
         super().__init__()
-        self.scan = scan
+        self.scan, self.conv = scan, conv
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
@@ -108,9 +122,8 @@ class MambaMixer(nn.Module):
         return self._block(hidden)
 
     def _block(self, hidden):
-        length = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)          # (b, E, L) each
-        x = F.silu(self.conv1d(x)[..., :length])                             # causal conv
+        x = self.conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias)    # (b, E, L)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)              # (b, L, .)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)                    # (b, E, L)
@@ -144,7 +157,7 @@ IMPL_NEEDS = {"triton": (triton_scan_available, "Triton (it ships with CUDA buil
               "cuda": (cuda_mamba_available,
                        "the mamba-ssm package (pip install mamba-ssm --no-build-isolation)")}
 IMPL_NAMES = {"plain": "plain-PyTorch selective scan",
-              "triton": "Triton short-sequence selective scan",
+              "triton": "Triton short-sequence selective scan and causal convolution",
               "cuda": "mamba_ssm.Mamba (CUDA selective scan)"}
 
 
@@ -171,7 +184,9 @@ def make_mamba(d_model, d_state, d_conv, expand, impl):
     if impl == "cuda":
         from mamba_ssm import Mamba
         return Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-    scan = selective_scan_ref
+    scan, conv = selective_scan_ref, causal_conv1d_silu_ref
     if impl == "triton":
+        from model.conv_triton import causal_conv1d_silu_triton as conv
         from model.scan_triton import selective_scan_triton as scan
-    return MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, scan=scan)
+    return MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, scan=scan,
+                      conv=conv)

@@ -2,6 +2,7 @@
 
     python -m tools.bench_scan                      # S5VH training shapes + longer sequences
     python -m tools.bench_scan --sweep --out scan.json
+    python -m tools.bench_scan --conv [--sweep]     # the causal convolution + SiLU instead
 
 Times forward and forward+backward of one scan call (replayed from a CUDA graph, as in the
 training step, so launch overhead is left out) with
@@ -9,7 +10,9 @@ E = 512 channels (d = 256, expand 2) and N = 16 states, each implementation fed 
 mixer hands it: mamba_ssm gets contiguous (b, E, L) tensors, the Triton kernel the (b, L, E)-major
 views of `MambaMixer`. S5VH's training step runs 2 * 128 = 256 rows through L = 13 (encoder,
 visible frames) and L = 25 (decoder). `--sweep` also times other channel blocks and warp counts
-of the Triton kernel at those shapes.
+of the Triton kernel at those shapes. `--conv` times the Mamba block's causal depthwise
+convolution and SiLU instead: PyTorch's convolution (in bf16 autocast, as the model runs it)
+against the fused Triton kernel, at the encoder's and decoder's training shapes.
 """
 import argparse
 import functools
@@ -17,8 +20,9 @@ import json
 
 import torch
 
+import model.conv_triton as conv_triton
 import model.scan_triton as scan_triton
-from model.mamba import selective_scan_ref
+from model.mamba import causal_conv1d_silu_ref, selective_scan_ref
 from utils.fileio import write_json
 
 TRAINING_SHAPES = [(256, 13), (256, 25)]
@@ -88,15 +92,70 @@ def triton_with(block, warps):
     return functools.partial(scan_triton.selective_scan_triton, block=block, num_warps=warps)
 
 
+# (b, E, L) of the training step's convolutions: encoder (d = 256) and decoder (d' = 192)
+CONV_SHAPES = [(256, 512, 13), (256, 384, 25)]
+
+
+def time_conv(conv, b, E, L, K=4):
+    """Forward and forward+backward of one convolution call on bf16 x stored (b, L, 2E) as the
+    projection leaves it, float32 weights, in bf16 autocast."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, L, 2 * E, device="cuda", generator=gen).to(torch.bfloat16)
+    x = x.transpose(1, 2)[:, :E].detach().requires_grad_()
+    weight = torch.randn(E, K, device="cuda", generator=gen).requires_grad_()
+    bias = torch.randn(E, device="cuda", generator=gen).requires_grad_()
+    grad_out = torch.ones(b, L, E, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            conv(x, weight, bias)
+
+    def forward_backward():
+        with torch.autocast("cuda", torch.bfloat16):
+            y = conv(x, weight, bias)
+        torch.autograd.grad(y, (x, weight, bias), grad_out)
+
+    return replay_ms(forward), replay_ms(forward_backward)
+
+
+def bench_conv(sweep):
+    rows = []
+    for b, E, L in CONV_SHAPES:
+        impls = {"torch": causal_conv1d_silu_ref, "triton": conv_triton.causal_conv1d_silu_triton}
+        if sweep:
+            for block in (32, 64, 128, 256):
+                for warps in (1, 2, 4):
+                    impls[f"triton block={block} warps={warps}"] = functools.partial(
+                        conv_triton.causal_conv1d_silu_triton, block=block, num_warps=warps)
+        row = {"b": b, "E": E, "L": L}
+        for name, conv in impls.items():
+            fwd, fwd_bwd = time_conv(conv, b, E, L)
+            row[name] = {"fwd_ms": round(fwd, 4), "fwd_bwd_ms": round(fwd_bwd, 4)}
+        row["triton_speedup_fwd_bwd"] = round(row["torch"]["fwd_bwd_ms"]
+                                              / row["triton"]["fwd_bwd_ms"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "defaults": {"block": conv_triton.BLOCK_E, "warps": conv_triton.NUM_WARPS},
+            "rows": rows}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--conv", action="store_true",
+                        help="time the causal convolution + SiLU instead of the scan")
     parser.add_argument("--no-ref", action="store_true", help="skip the plain-PyTorch scan")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the scan benchmark needs a CUDA device")
+    if args.conv:
+        report = bench_conv(args.sweep)
+        if args.out:
+            write_json(args.out, report)
+        return report
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     dtype = getattr(torch, args.dtype)
     E, N = 512, 16

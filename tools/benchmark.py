@@ -36,6 +36,7 @@ import torch
 from inference.encode import autocast, encode
 from inference.metrics import retrieval_metrics
 from Loss.losses import LabelTable, S5VHLoss
+from model.mamba import MambaMixer, causal_conv1d_silu_ref
 from model.s5vh import build_model, gather_frames
 from optim.engine import TrainStep, draw_step_inputs, epoch_generator, full_view_logits
 from optim.optimizer import build_optimizer
@@ -86,6 +87,7 @@ class StepOptions:
     cuda_graph: bool = False    # the whole step replayed as one captured CUDA graph
     bf16: bool = False
     mamba_impl: str = "cuda"    # mamba_ssm's selective scan, or 'triton' (short sequences)
+    triton_conv: bool = True    # with the Triton scan: the fused Triton convolution + SiLU
     two_streams: bool = False   # the two scan directions on two CUDA streams
     compiled: bool = False      # model and loss through torch.compile (Inductor fuses kernels)
 
@@ -95,13 +97,14 @@ LADDER = [
     ("+ resident batches, one pass, fused AdamW", StepOptions(True)),
     ("+ CUDA graph of the step", StepOptions(True, True)),
     ("+ bf16 autocast", StepOptions(True, True, True)),
-    ("+ Triton short-sequence scan (the default)", StepOptions(True, True, True, "triton")),
-    ("+ directions on two streams", StepOptions(True, True, True, "triton", True)),
+    ("+ Triton short-sequence scan", StepOptions(True, True, True, "triton", False)),
+    ("+ Triton causal convolution (the default)", StepOptions(True, True, True, "triton")),
+    ("+ directions on two streams", StepOptions(True, True, True, "triton", two_streams=True)),
     ("default in float32 (no bf16)", StepOptions(True, True, False, "triton")),
     ("default + torch.compile of model and loss", StepOptions(True, True, True, "triton",
                                                               compiled=True)),
 ]
-DEFAULT_RUNG = "+ Triton short-sequence scan (the default)"
+DEFAULT_RUNG = "+ Triton causal convolution (the default)"
 
 
 class PlainStep:
@@ -151,6 +154,10 @@ def make_step(opts, features, centers, labels, batch=128, nbits=64):
                      f"model.two_streams={opts.two_streams}", f"train.batch_size={batch}")
     torch.manual_seed(0)
     model = build_model(cfg, torch.device(DEVICE))
+    if not opts.triton_conv:                 # the Triton scan beside PyTorch's convolution
+        for mixer in model.modules():
+            if isinstance(mixer, MambaMixer):
+                mixer.conv = causal_conv1d_silu_ref
     criterion = S5VHLoss(centers, cfg.train).to(DEVICE)
     table = LabelTable(labels, len(centers), DEVICE)
     if not opts.library_step:
@@ -414,8 +421,8 @@ def profile_step(steps=5, two_streams=False):
     from torch.profiler import ProfilerActivity, profile
     gen = torch.Generator(device="cuda").manual_seed(0)
     features, centers, labels = _synthetic(1024, ucf_config(), gen)
-    step, model = make_step(StepOptions(True, False, True, "triton", two_streams), features,
-                            centers, labels)
+    step, model = make_step(StepOptions(True, False, True, "triton", two_streams=two_streams),
+                            features, centers, labels)
     cfg = ucf_config()
 
     def run(count):

@@ -1,0 +1,145 @@
+"""The Mamba block's causal depthwise convolution and SiLU, fused, in Triton.
+
+The same function as `model.mamba.causal_conv1d_silu_ref`: per channel e,
+    y_t = silu(bias_e + sum_k w_{e,k} x_{t-(K-1)+k}),   x_t = 0 for t < 0,
+in float32 arithmetic. PyTorch runs it as a generic depthwise convolution, a slice and a SiLU,
+and the convolution's backward pass alone took about 100 us per call at S5VH's training shapes
+(256 rows x 512 channels x 13 frames, H200): a fifth of the training step with the forward. Here
+one program owns a block of channels of one video and walks the L steps, reading K inputs a
+step; the backward pass recomputes the pre-activations, so nothing but x is kept.
+
+Shapes: x (b, E, L), any strides; weight (E, K); bias (E,). E channels, K taps (mamba_ssm's
+d_conv), L steps; local to the convolution, as the scan's letters are (docs/method.md §2).
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Channels per program and warps (an H200 at S5VH's shapes; `python -m tools.bench_scan`).
+BLOCK_E = 128
+NUM_WARPS = 4
+
+
+@triton.jit
+def _tap(w_ptr, e, e_ok, k, K: tl.constexpr):
+    """Tap k of a block of channels' weights: (BLOCK,) float32 (read once per step; cached)."""
+    return tl.load(w_ptr + e * K + k, mask=e_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _input(x_ptr, b, e, src, sx_b, sx_e, sx_l, e_ok):
+    """x at step `src` (0 before the first step) of a block of channels: (BLOCK,) float32."""
+    steps = e * 0 + src                      # the step as a vector: masks are per element
+    return tl.load(x_ptr + b * sx_b + e * sx_e + src * sx_l, mask=e_ok & (steps >= 0),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K: tl.constexpr):
+    """s_t = bias + sum_k w_k x_{t-(K-1)+k} of a block of channels: (BLOCK,) float32."""
+    s = bias
+    for k in tl.static_range(K):
+        s += _tap(w_ptr, e, e_ok, k, K) * _input(x_ptr, b, e, t - (K - 1) + k, sx_b, sx_e, sx_l,
+                                                  e_ok)
+    return s
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, E, L, sx_b, sx_e, sx_l, sy_b, sy_e, sy_l,
+                     K: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    e_ok = e < E
+    bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    for t in range(L):
+        s = _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K)
+        y = s * tl.sigmoid(s)
+        tl.store(y_ptr + b * sy_b + e * sy_e + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=e_ok)
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dw_ptr, dbias_ptr, E, L,
+                     sx_b, sx_e, sx_l, sdy_b, sdy_e, sdy_l, sdx_b, sdx_e, sdx_l,
+                     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """First pass: ds_t = dy_t silu'(s_t) into ds_ptr ((b, E, L) float32, contiguous), and the
+    video's partial sums of dw (b, E, K) and dbias (b, E). Second pass:
+    dx_t = sum_k w_k ds_{t+(K-1)-k}."""
+    b = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    e_ok = e < E
+    taps = tl.arange(0, K_PAD)[None, :]                                        # (1, K_PAD)
+    bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK, K_PAD), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK,), dtype=tl.float32)
+    ds_row = ds_ptr + (b * E + e) * L
+    for t in range(L):
+        s = _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K)
+        gate = tl.sigmoid(s)
+        dy = tl.load(dy_ptr + b * sdy_b + e * sdy_e + t * sdy_l, mask=e_ok, other=0.0)
+        ds = dy.to(tl.float32) * gate * (1.0 + s * (1.0 - gate))
+        tl.store(ds_row + t, ds, mask=e_ok)
+        dbias += ds
+        for k in tl.static_range(K):
+            x = _input(x_ptr, b, e, t - (K - 1) + k, sx_b, sx_e, sx_l, e_ok)
+            dw += tl.where(taps == k, (ds * x)[:, None], 0.0)
+    tl.debug_barrier()   # the second pass reads ds other threads of the program may have written
+    for t in range(L):
+        dx = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            dst = t + (K - 1) - k
+            ds = tl.load(ds_row + dst, mask=e_ok & (e * 0 + dst < L), other=0.0)
+            dx += _tap(w_ptr, e, e_ok, k, K) * ds
+        tl.store(dx_ptr + b * sdx_b + e * sdx_e + t * sdx_l, dx.to(dx_ptr.dtype.element_ty),
+                 mask=e_ok)
+    tl.store(dw_ptr + (b * E + e[:, None]) * K + taps, dw, mask=e_ok[:, None] & (taps < K))
+    tl.store(dbias_ptr + b * E + e, dbias, mask=e_ok)
+
+
+def _channels_last(b, E, L, like):
+    """An empty (b, E, L) tensor like `like`, stored (b, L, E): the layout the projections use."""
+    return torch.empty(b, L, E, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block, num_warps):
+        b, E, L = x.shape
+        weight = weight.contiguous()
+        y = _channels_last(b, E, L, x)
+        _conv_fwd_kernel[(b, triton.cdiv(E, block))](
+            x, weight, bias, y, E, L, *x.stride(), *y.stride(), K=weight.shape[1], BLOCK=block,
+            num_warps=num_warps)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.options = (block, num_warps)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        block, num_warps = ctx.options
+        b, E, L = x.shape
+        K = weight.shape[1]
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dx = _channels_last(b, E, L, x)
+        ds = torch.empty(b, E, L, **f32)
+        dw = torch.empty(b, E, K, **f32)
+        dbias = torch.empty(b, E, **f32)
+        _conv_bwd_kernel[(b, triton.cdiv(E, block))](
+            x, weight, bias, dy, ds, dx, dw, dbias, E, L, *x.stride(), *dy.stride(),
+            *dx.stride(), K=K, K_PAD=triton.next_power_of_2(K), BLOCK=block,
+            num_warps=num_warps)
+        return dx, dw.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype), None, None
+
+
+def causal_conv1d_silu_triton(x, weight, bias, *, block=BLOCK_E, num_warps=NUM_WARPS):
+    """`causal_conv1d_silu_ref` as two Triton kernels (forward; backward with recomputation).
+
+    x: (b, E, L); weight: (E, K); bias: (E,); on one CUDA device. Returns y: (b, E, L) in the
+    dtype of x, stored (b, L, E)-major. `block` channels per program and `num_warps` tune the kernels.
+    """
+    E = x.shape[1]
+    if weight.ndim != 2 or weight.shape[0] != E or tuple(bias.shape) != (E,):
+        raise ValueError(f"causal conv: weight must be ({E}, K) and bias ({E},), got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    return _CausalConvSiLU.apply(x, weight, bias, block, num_warps)
