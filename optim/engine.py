@@ -139,7 +139,9 @@ class TrainStep:
     def __init__(self, model, criterion, optimizer, features, label_table, batch_size,
                  amp=False, cuda_graphs=False, shard=None, train_model=None):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
-        self.train_model = train_model or model          # the DDP wrapper with a shard
+        # the DDP wrapper with a shard, the compiled model with train.compile (a compiled
+        # module has no truth value: test for None)
+        self.train_model = model if train_model is None else train_model
         self.features, self.label_table, self.amp = features, label_table, amp
         self.batch_size, self.shard = batch_size, shard
         self.use_graphs = cuda_graphs and features.is_cuda and shard is None

@@ -119,6 +119,7 @@ class Run:
         return {"device": str(self.device), "mixer": self.model.describe_mixer(),
                 "dtype": "bfloat16 autocast" if cuda and self.cfg.train.amp else "float32",
                 "cuda_graphs": bool(self.step.use_graphs),
+                "compiled": bool(self.cfg.train.compile),
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
     def on_stream(self):
@@ -177,8 +178,13 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None, shard=None, device
             broadcast_buffers=False)
     optimizer = build_optimizer(cfg, model, criterion, graphs)
     label_table = LabelTable(pseudo_labels, len(centers), device)
-    step = TrainStep(model, criterion, optimizer, features, label_table, t.batch_size, t.amp,
-                     graphs, shard, train_model)
+    step_criterion = criterion
+    if t.compile:       # Inductor fuses the step's small kernels; one compilation per shape
+        train_model = torch.compile(model if train_model is None else train_model,
+                                    dynamic=False)
+        step_criterion = torch.compile(criterion, dynamic=False)
+    step = TrainStep(model, step_criterion, optimizer, features, label_table, t.batch_size,
+                     t.amp, graphs, shard, train_model)
     sets = {"test": RetrievalSet("test", *retrieval_sets(cfg), videos, features)}
     if "val" in (t.select, t.monitor):
         sets["val"] = RetrievalSet("val", *validation_sets(cfg, t.val_fraction, cfg.seed), videos,
@@ -636,7 +642,8 @@ def _train_group(jobs, writer, progress, several, shard=None):
                     f"{runtime['parameters']:,} parameters, epochs {run.start_epoch + 1}.."
                     f"{run.cfg.train.num_epochs}, select={run.cfg.train.select}; mixer "
                     f"{runtime['mixer']}, {runtime['dtype']}, CUDA graphs "
-                    f"{'on' if runtime['cuda_graphs'] else 'off'}")
+                    f"{'on' if runtime['cuda_graphs'] else 'off'}"
+                    + (", torch.compile on" if runtime["compiled"] else ""))
         total = sum(run.cfg.train.num_epochs for run in runs)
         bar = tqdm(total=total, initial=sum(run.epochs_done for run in runs), unit="epoch",
                    desc=f"{len(runs)} run{'s' if len(runs) != 1 else ''}", leave=False,

@@ -170,6 +170,41 @@ def test_runs_trained_together_equal_runs_trained_alone(tmp_path):
         assert losses[0] == losses[1], name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_compiled_run_repeats_in_a_fresh_process_and_stays_near_the_eager_one(tmp_path):
+    """train.compile=True: the same run in two processes, each with an empty Inductor cache
+    (so each compiles and tunes its kernels afresh), logs the same losses and test mAP; the
+    losses stay within 1% of the eager run's (fused kernels round differently)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_training import TINY, make_tiny_demo
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    make_tiny_demo(str(tmp_path))
+    cuda = [item.replace("'cpu'", "'cuda'") for item in TINY]
+
+    def run(name, *extra):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{name}")}
+        command = [sys.executable, "train.py", "--config", "configs/S5VH/demo.py", "--no-progress",
+                   "--work-dir", str(tmp_path / name), "--cfg-options",
+                   f"data_root={str(tmp_path)!r}", *cuda, "train.num_epochs=4", *extra]
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (run_dir,) = [os.path.join(tmp_path, name, d) for d in os.listdir(tmp_path / name)]
+        log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+        results = json.load(open(os.path.join(run_dir, "results.json")))
+        return [[r[k] for k in ("loss", "rec", "con", "ca")] for r in log], results
+
+    first, results = run("compiled_1", "train.compile=True")
+    second, again = run("compiled_2", "train.compile=True")
+    eager, _ = run("eager")
+    assert results["runtime"]["compiled"] and results["runtime"]["cuda_graphs"]
+    assert first == second and results["test_mAP"] == again["test_mAP"]
+    assert torch.allclose(torch.tensor(first), torch.tensor(eager), rtol=1e-2)
+
+
 @needs_cuda_mamba
 def test_directions_on_two_streams_change_no_number():
     """model.two_streams overlaps the two scan directions on the GPU; the kernels of each branch

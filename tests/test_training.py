@@ -219,7 +219,8 @@ def test_train_and_eval_scripts_two_epochs(tmp_path, caplog):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["selection"] == "last" and results["selected_epoch"] == 2
     assert results["runtime"] == {"device": "cpu", "mixer": "mamba (plain-PyTorch selective scan)",
-                                  "dtype": "float32", "cuda_graphs": False, "parameters": 15024}
+                                  "dtype": "float32", "cuda_graphs": False, "compiled": False,
+                                  "parameters": 15024}
     assert "mixer mamba (plain-PyTorch selective scan), float32" in (run_dir / "run.log").read_text()
     assert [r["method"] for r in rows] == ["itq", "s5vh (last)"]
     log = [json.loads(l) for l in open(run_dir / "log.jsonl")]

@@ -103,6 +103,7 @@ train = dict(
     amp=True,                  # bf16 autocast on CUDA (ignored on CPU); mAP within seed noise of float32
     resident_dtype="float32",  # dtype of the training features kept on the device (bfloat16 halves it)
     cuda_graphs=True,          # on CUDA, replay full-batch steps as one captured graph
+    compile=False,             # torch.compile (Inductor) the step's model and loss: faster steps, a slower start
     monitor="none",            # none | val | test: also log this mAP@R every eval_every epochs
     eval_every=50,             # epochs between evaluations (selection and monitoring)
     checkpoint_seconds=60,     # save last.pth when this much wall time has passed since the last save
