@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Channels per program and warps (an H200 at S5VH's shapes; `python -m tools.bench_scan`).
+# Channels per program and warps: the fastest of 32-256 channels x 1/2/4 warps at S5VH's
+# training shapes on an H200 (`python -m tools.bench_scan --conv --sweep`).
 BLOCK_E = 128
 NUM_WARPS = 4
 
@@ -135,10 +136,13 @@ class _CausalConvSiLU(torch.autograd.Function):
 def causal_conv1d_silu_triton(x, weight, bias, *, block=BLOCK_E, num_warps=NUM_WARPS):
     """`causal_conv1d_silu_ref` as two Triton kernels (forward; backward with recomputation).
 
-    x: (b, E, L); weight: (E, K); bias: (E,); on one CUDA device. Returns y: (b, E, L) in the
-    dtype of x, stored (b, L, E)-major. `block` channels per program and `num_warps` tune the kernels.
+    x: (b, E, L); weight: (E, K); bias: (E,) or None; on one CUDA device. Returns y: (b, E, L)
+    in the dtype of x, stored (b, L, E)-major. `block` channels per program and `num_warps` tune
+    the kernels.
     """
     E = x.shape[1]
+    if bias is None:
+        bias = weight.new_zeros(E)
     if weight.ndim != 2 or weight.shape[0] != E or tuple(bias.shape) != (E,):
         raise ValueError(f"causal conv: weight must be ({E}, K) and bias ({E},), got "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")

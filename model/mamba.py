@@ -75,7 +75,7 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
 def causal_conv1d_silu_ref(x, weight, bias):
     """silu of the causal depthwise convolution of x: per channel e,
     y_t = silu(bias_e + sum_k weight_{e,k} x_{t-(K-1)+k}), x_t = 0 for t < 0.
-    x: (b, E, L); weight: (E, K); bias: (E,) -> (b, E, L)."""
+    x: (b, E, L); weight: (E, K); bias: (E,) or None -> (b, E, L)."""
     length, taps = x.shape[-1], weight.shape[1]
     return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=taps - 1,
                            groups=weight.shape[0])[..., :length])

@@ -64,6 +64,15 @@ def test_triton_conv_keeps_bf16_inputs_and_computes_in_float32():
     assert_close(y, want, "y", rtol=1e-2)                                   # bf16 rounding of y
 
 
+def test_triton_conv_without_bias_matches_reference():
+    x, weight, _ = conv_inputs(2, 8, 6, 4)
+    grad_out = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    want = torch.autograd.grad(causal_conv1d_silu_ref(x, weight, None), (x, weight), grad_out)
+    got = torch.autograd.grad(causal_conv1d_silu_triton(x, weight, None), (x, weight), grad_out)
+    for name, g, w in zip(("x", "weight"), got, want):
+        assert_close(g, w, name)
+
+
 def test_triton_conv_rejects_mismatched_weights():
     x, weight, bias = (t.detach() for t in conv_inputs(2, 8, 5, 4))
     with pytest.raises(ValueError, match=r"weight must be \(8, K\)"):
