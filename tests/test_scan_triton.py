@@ -8,7 +8,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from model.mamba import MambaMixer, resolve_mamba_impl, selective_scan_ref  # noqa: E402
+from model.conv_triton import causal_conv1d_silu_triton  # noqa: E402
+from model.mamba import (MambaMixer, causal_conv1d_silu_ref, resolve_mamba_impl,  # noqa: E402
+                         selective_scan_ref)
 from model.scan_triton import BLOCK_E, selective_scan_triton  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -96,10 +98,11 @@ def test_triton_scan_rejects_mismatched_shapes():
         selective_scan_triton(**inputs)
 
 
-def test_mamba_mixer_with_triton_scan_matches_reference_mixer():
+@pytest.mark.parametrize("conv", [causal_conv1d_silu_ref, causal_conv1d_silu_triton])
+def test_mamba_mixer_with_triton_scan_matches_reference_mixer(conv):
     torch.manual_seed(0)
     reference = MambaMixer(16).to(DEVICE)
-    fast = MambaMixer(16, scan=selective_scan_triton).to(DEVICE)
+    fast = MambaMixer(16, scan=selective_scan_triton, conv=conv).to(DEVICE)
     fast.load_state_dict(reference.state_dict())
     x = torch.randn(3, 11, 16, device=DEVICE)
     for mixer in (reference, fast):
