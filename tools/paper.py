@@ -130,10 +130,6 @@ class Experiment:
         return name
 
 
-def _maps(results):
-    return {int(k): float(v) for k, v in results["test_mAP"].items()}
-
-
 def _mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -163,7 +159,7 @@ def run_main(exp, bits, seeds):
     for nbits in bits:
         for seed in seeds:
             scores.setdefault(("s5vh", nbits), []).append(
-                _maps(results[s5vh_run_name(nbits, seed)]))
+                results[s5vh_run_name(nbits, seed)]["test_mAP"])
     for seed in seeds:
         for row in evaluate_baselines(exp.cfg(f"seed={seed}"), ["itq", "lsh"], bits):
             scores.setdefault((row["method"], row["nbits"]), []).append(row["mAP"])
@@ -202,7 +198,7 @@ def _variant_table(exp, variants, nbits, seeds, extra=None, concurrent=None):
     rows = []
     for name, description, overrides in variants:
         results = [trained[f"{name}_{nbits}bits_seed{seed}"] for seed in seeds]
-        per_seed = [_maps(r) for r in results]
+        per_seed = [r["test_mAP"] for r in results]
         row = {"variant": name, "description": description, "overrides": overrides,
                "per_seed": per_seed,
                "mean": {k: statistics.mean(s[k] for s in per_seed) for k in topk}}
@@ -282,7 +278,7 @@ def run_transfer(exp, source, target, nbits, seed):
         np.savez(f, database=db_codes, queries=query_codes)
     topk = tuple(target_cfg.eval.topk)
     rows = [{"train": a, "evaluate": b, "mAP": result["mAP"]},
-            {"train": b, "evaluate": b, "mAP": _maps(on_target)}]
+            {"train": b, "evaluate": b, "mAP": on_target["test_mAP"]}]
     table = [[f"{r['train']} → {r['evaluate']}"] + [f"{r['mAP'][k]:.4f}" for k in topk]
              for r in rows]
     text = (f"Transfer: {a} → {b}, {nbits} bits, seed {seed}, selection: {exp.select} "
@@ -406,7 +402,7 @@ def run_sweep(exp, nbits, seeds, grid, eval_every):
                "val_selected": {k: _mean_std([c[e][k] for c, e in zip(curves, selected)])
                                 for k in SWEEP_K},
                "val_last": {k: _mean_std_at(curves, last, k) for k in SWEEP_K},
-               "test_selected": {k: _mean_std([_maps(trained[n])[k] for n in names])
+               "test_selected": {k: _mean_std([trained[n]["test_mAP"][k] for n in names])
                                  for k in SWEEP_K},
                "epochs": sorted(curves[0]),
                "val_curve": {k: [statistics.mean(c[e][k] for c in curves)
