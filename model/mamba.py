@@ -2,8 +2,10 @@
 
 `MambaMixer` has the constructor arguments, parameter names, shapes and initialisation of
 `mamba_ssm.Mamba` (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so state_dicts move
-freely between all three. Its selective scan is either `selective_scan_ref`, which runs the
-recurrence over time in plain PyTorch and is the reference every kernel is checked against, or
+freely between all three. Its selective scan is `selective_scan_ref`, which runs the recurrence
+over time in plain PyTorch and is the reference every kernel is checked against;
+`selective_scan_recompute`, the same loop with a hand-written backward pass that recomputes
+states instead of keeping them (bit-identical, a fraction of the memory); or
 `model.scan_triton.selective_scan_triton`, a kernel for short sequences (S5VH's 25 frames) that
 is several times faster there than mamba_ssm's (`python -m tools.bench_scan`).
 
@@ -12,7 +14,8 @@ Its causal convolution and SiLU are likewise `causal_conv1d_silu_ref` (PyTorch's
 shapes: `python -m tools.bench_scan --conv`).
 
 Implementations (`model.mamba_impl`), fixed when the model is built:
-    plain   MambaMixer + selective_scan_ref + causal_conv1d_silu_ref (any device; the CPU path)
+    plain   MambaMixer + selective_scan_recompute + causal_conv1d_silu_ref (any device; the CPU
+            path)
     triton  MambaMixer + both Triton kernels (CUDA, Triton)
     cuda    mamba_ssm.Mamba (CUDA, the mamba-ssm package); chunked, best for long sequences
     auto    triton for models of at most SHORT_SCAN_MAX_FRAMES frames, else cuda, on a CUDA
@@ -46,7 +49,23 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
     Recurrence per channel e and state n:
         h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = <C_t, h_t> + D u_t.
     Computed in float32 (float64 when u is float64); returns y: (b, E, L) in the dtype of u.
+    Autograd differentiates the loop, keeping two (b, E, N) tensors per step for the backward pass.
     """
+    return _selective_scan(_recurrence, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def selective_scan_recompute(u, delta, A, B, C, D, z=None, delta_bias=None,
+                             delta_softplus=True):
+    """`selective_scan_ref` with a hand-written backward pass that keeps the state of every
+    ceil(sqrt(L))-th step only and recomputes the others a segment at a time: about 2 sqrt(L)
+    (b, E, N) states in memory instead of 2 L. The backward pass performs autograd's operations
+    on the reference's loop in the same order, so values and gradients equal the reference's bit
+    for bit (tests/test_model.py). The plain path (CPU) trains with it."""
+    return _selective_scan(_RecomputedRecurrence.apply, u, delta, A, B, C, D, z, delta_bias,
+                           delta_softplus)
+
+
+def _selective_scan(recurrence, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     dtype = u.dtype
     compute = torch.promote_types(dtype, torch.float32)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
@@ -54,22 +73,114 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
         delta = delta + delta_bias.to(compute)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    # the inputs of each step, unbound once (indexing inside the loop would make autograd
-    # write a full zero tensor per step in the backward pass); the (b, E, N) terms of a step
-    # are made in the step, so memory holds one step's, not L of them
-    steps = zip(delta.unbind(-1), (delta * u).unbind(-1), B.unbind(-1),
-                C.unsqueeze(-1).unbind(-2))                     # (b, E), (b, E), (b, N), (b, N, 1)
-    state = u.new_zeros(u.shape[:2] + A.shape[1:])                             # (b, E, N)
-    outputs = []
-    for delta_t, drive_scale_t, B_t, readout_t in steps:
-        decay_t = (delta_t[:, :, None] * A).exp_()                            # (b, E, N)
-        drive_t = drive_scale_t[:, :, None] * B_t[:, None, :]                 # (b, E, N)
-        state = decay_t * state + drive_t
-        outputs.append(torch.bmm(state, readout_t))                           # (b, E, 1)
-    y = torch.cat(outputs, dim=-1) + D.to(compute)[:, None] * u               # (b, E, L)
+    y = recurrence(delta, delta * u, A, B, C) + D.to(compute)[:, None] * u          # (b, E, L)
     if z is not None:
         y = y * F.silu(z.to(compute))
     return y.to(dtype)
+
+
+def _advance(state, delta_t, drive_scale_t, A, B_t):
+    """One step h_t = exp(delta_t A) h_{t-1} + (delta_t u_t) B_t: state (b, E, N); delta_t,
+    drive_scale_t: (b, E); A: (E, N); B_t: (b, N) -> (b, E, N)."""
+    decay = (delta_t[:, :, None] * A).exp_()
+    drive = drive_scale_t[:, :, None] * B_t[:, None, :]
+    return decay * state + drive
+
+
+def _unbind_steps(delta, drive_scale, B, C):
+    """Each step's inputs, unbound once (indexing inside a loop would make autograd write a full
+    zero tensor per step in the backward pass): delta_t, drive_scale_t (b, E), B_t (b, N) and
+    the readout C_t as (b, N, 1)."""
+    return delta.unbind(-1), drive_scale.unbind(-1), B.unbind(-1), C.unsqueeze(-1).unbind(-2)
+
+
+def _recurrence(delta, drive_scale, A, B, C):
+    """Readouts <C_t, h_t>: delta, drive_scale (b, E, L); A (E, N); B, C (b, N, L) -> (b, E, L).
+    The (b, E, N) terms of a step are made in the step."""
+    deltas, scales, Bs, readouts = _unbind_steps(delta, drive_scale, B, C)
+    state = delta.new_zeros(delta.shape[:2] + A.shape[1:])                   # (b, E, N)
+    outputs = []
+    for t in range(delta.shape[-1]):
+        state = _advance(state, deltas[t], scales[t], A, Bs[t])
+        outputs.append(torch.bmm(state, readouts[t]))                        # (b, E, 1)
+    return torch.cat(outputs, dim=-1)
+
+
+def _advance_into(out, state, delta_t, drive_scale_t, A, B_t, work, decay=None):
+    """`_advance` without autograd, into `out` (b, E, N), with `work` (b, E, N) as scratch and
+    the step's decay left in `decay` (b, E, N) when given: the same operations on the same
+    values, hence the same result, without allocating."""
+    decay = out if decay is None else decay
+    torch.mul(delta_t[:, :, None], A, out=decay).exp_()
+    torch.mul(decay, state, out=out)
+    out.add_(torch.mul(drive_scale_t[:, :, None], B_t[:, None, :], out=work))
+    return out
+
+
+class _RecomputedRecurrence(torch.autograd.Function):
+    """`_recurrence` keeping the states that start each segment of `segment` steps; the backward
+    pass recomputes a segment's states from its start, then walks it in reverse. Each step works
+    in a few preallocated (b, E, N) buffers, which also keeps the allocator's churn low."""
+
+    @staticmethod
+    def forward(ctx, delta, drive_scale, A, B, C):
+        length = delta.shape[-1]
+        segment = math.isqrt(length - 1) + 1 if length > 1 else 1         # ceil(sqrt(L))
+        deltas, scales, Bs, readouts = _unbind_steps(delta, drive_scale, B, C)
+        state = delta.new_zeros(delta.shape[:2] + A.shape[1:])               # (b, E, N)
+        spare, work = torch.empty_like(state), torch.empty_like(state)
+        starts, out = [], delta.new_empty(delta.shape)                      # (b, E, L)
+        for t in range(length):
+            if t % segment == 0:
+                starts.append(state.clone())
+            state, spare = _advance_into(spare, state, deltas[t], scales[t], A, Bs[t], work), state
+            torch.bmm(state, readouts[t], out=out[..., t:t + 1])
+        ctx.segment = segment
+        ctx.save_for_backward(delta, drive_scale, A, B, C, *starts)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # Each line is the derivative autograd forms for the matching operation of `_advance`
+        # and `_recurrence` (mul: grad * other, then a sum to the operand's shape; exp: grad *
+        # result; bmm: its two products), in the order autograd's engine runs them: later steps
+        # first. A's gradient is summed from the last step down, as autograd accumulates it.
+        delta, drive_scale, A, B, C, *starts = ctx.saved_tensors
+        deltas, scales, Bs, readouts = _unbind_steps(delta, drive_scale, B, C)
+        length, segment = delta.shape[-1], ctx.segment
+        # contiguous, as the stack that differentiates unbind makes them (the layout decides
+        # the order of later sums over these gradients)
+        g_delta, g_scale, g_B, g_C = (t.new_empty(t.shape) for t in (delta, drive_scale, B, C))
+        # a segment's states h_first .. h_last and their decays; three scratch buffers
+        states, decays = ([torch.empty_like(starts[0]) for _ in range(segment)] for _ in "sd")
+        g_state, g_carry, work = (torch.empty_like(starts[0]) for _ in range(3))
+        g_A = None
+        for first in reversed(range(0, length, segment)):
+            steps = range(first, min(first + segment, length))
+            prev = starts[first // segment]
+            for i, t in enumerate(steps):
+                prev = _advance_into(states[i], prev, deltas[t], scales[t], A, Bs[t], work,
+                                     decays[i])
+            for i, t in reversed(list(enumerate(steps))):
+                state, decay = states[i], decays[i]
+                prev = states[i - 1] if i else starts[first // segment]
+                g_out = grad_out.narrow(-1, t, 1)                            # (b, E, 1)
+                torch.bmm(g_out, readouts[t].transpose(1, 2), out=g_state)   # (b, E, N)
+                if t < length - 1:
+                    g_state.add_(g_carry)
+                g_C[..., t] = state.transpose(1, 2).bmm(g_out)[..., 0]
+                torch.mul(g_state, Bs[t][:, None, :], out=work)
+                g_scale[..., t] = work.sum([2], keepdim=True)[..., 0]
+                torch.mul(g_state, scales[t][:, :, None], out=work)
+                g_B[..., t] = work.sum([1], keepdim=True)[:, 0]
+                g_exponent = torch.mul(g_state, prev, out=work).mul_(decay)
+                torch.mul(g_state, decay, out=g_carry)
+                torch.mul(g_exponent, A, out=decay)                          # decay is spent
+                g_delta[..., t] = decay.sum([2], keepdim=True)[..., 0]
+                g_exponent.mul_(deltas[t][:, :, None])
+                g_A_t = g_exponent.sum([0], keepdim=True).view(A.shape)
+                g_A = g_A_t if g_A is None else g_A.add_(g_A_t)
+        return g_delta, g_scale, g_A, g_B, g_C
 
 
 def causal_conv1d_silu_ref(x, weight, bias):
@@ -88,7 +199,7 @@ class MambaMixer(nn.Module):
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
                  dt_max=0.1, dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 scan=selective_scan_ref, conv=causal_conv1d_silu_ref):
+                 scan=selective_scan_recompute, conv=causal_conv1d_silu_ref):
         super().__init__()
         self.scan, self.conv = scan, conv
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
@@ -114,10 +225,10 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden):
         """hidden: (b, L, d_model) -> (b, L, d_model)."""
-        if self.scan is selective_scan_ref and torch.is_grad_enabled():
-            # the reference keeps every step's (b, E, N) state for its backward pass; on the
-            # plain path (CPU) the block is recomputed in the backward pass instead, so training
-            # memory holds each block's input only (the same numbers: recomputing is exact)
+        if self.scan is selective_scan_recompute and torch.is_grad_enabled():
+            # on the plain path (CPU) the block is recomputed in the backward pass, so training
+            # memory holds each block's input only, and the scan keeps a few states of one block
+            # at a time (the same numbers: recomputing is exact)
             return checkpoint(self._block, hidden, use_reentrant=False)
         return self._block(hidden)
 
@@ -184,7 +295,7 @@ def make_mamba(d_model, d_state, d_conv, expand, impl):
     if impl == "cuda":
         from mamba_ssm import Mamba
         return Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-    scan, conv = selective_scan_ref, causal_conv1d_silu_ref
+    scan, conv = selective_scan_recompute, causal_conv1d_silu_ref
     if impl == "triton":
         from model.conv_triton import causal_conv1d_silu_triton as conv
         from model.scan_triton import selective_scan_triton as scan
