@@ -134,7 +134,7 @@ class _RecomputedRecurrence(torch.autograd.Function):
             if t % segment == 0:
                 starts.append(state.clone())
             state, spare = _advance_into(spare, state, deltas[t], scales[t], A, Bs[t], work), state
-            torch.bmm(state, readouts[t], out=out[..., t:t + 1])
+            out[..., t:t + 1] = torch.bmm(state, readouts[t])    # as the reference's bmm
         ctx.segment = segment
         ctx.save_for_backward(delta, drive_scale, A, B, C, *starts)
         return out
@@ -151,9 +151,9 @@ class _RecomputedRecurrence(torch.autograd.Function):
         # contiguous, as the stack that differentiates unbind makes them (the layout decides
         # the order of later sums over these gradients)
         g_delta, g_scale, g_B, g_C = (t.new_empty(t.shape) for t in (delta, drive_scale, B, C))
-        # a segment's states h_first .. h_last and their decays; three scratch buffers
+        # a segment's states h_first .. h_last and their decays, and two scratch buffers
         states, decays = ([torch.empty_like(starts[0]) for _ in range(segment)] for _ in "sd")
-        g_state, g_carry, work = (torch.empty_like(starts[0]) for _ in range(3))
+        g_carry, work = torch.empty_like(starts[0]), torch.empty_like(starts[0])
         g_A = None
         for first in reversed(range(0, length, segment)):
             steps = range(first, min(first + segment, length))
@@ -165,7 +165,7 @@ class _RecomputedRecurrence(torch.autograd.Function):
                 state, decay = states[i], decays[i]
                 prev = states[i - 1] if i else starts[first // segment]
                 g_out = grad_out.narrow(-1, t, 1)                            # (b, E, 1)
-                torch.bmm(g_out, readouts[t].transpose(1, 2), out=g_state)   # (b, E, N)
+                g_state = g_out.bmm(readouts[t].transpose(1, 2))             # (b, E, N)
                 if t < length - 1:
                     g_state.add_(g_carry)
                 g_C[..., t] = state.transpose(1, 2).bmm(g_out)[..., 0]
