@@ -30,8 +30,8 @@ def return_freed_host_memory():
     block is freed) the freed blocks stay in the heaps, fragmented: on ucf_dev the resident
     memory of identical runs peaked anywhere from 2.4 to 5.5 GB for a live set near 1.5 GB. One
     heap and a fixed threshold of 8 MiB (blocks at least that large are mapped and unmapped on
-    their own) kept it at 2.2-2.9 GB at the same speed; a lower threshold saves more but every
-    mapping costs page faults (2 MiB: 1.6 GB at three times the time). glibc settings in the
+    their own) kept it at 2.2-2.9 GB at the same speed, 1.9 GB since the plain scan recomputes
+    its states; a lower threshold saves more but every mapping costs page faults. glibc settings in the
     environment take precedence. README, "Training, evaluation, preprocessing".
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
