@@ -118,9 +118,10 @@ def _advance_into(out, state, delta_t, drive_scale_t, A, B_t, work, decay=None):
 
 
 class _RecomputedRecurrence(torch.autograd.Function):
-    """`_recurrence` keeping the states that start each segment of `segment` steps; the backward
-    pass recomputes a segment's states from its start, then walks it in reverse. Each step works
-    in a few preallocated (b, E, N) buffers, which also keeps the allocator's churn low."""
+    """`_recurrence` (same arguments and result) keeping the states that start each segment of
+    `segment` steps; the backward pass recomputes a segment's states from its start, then walks
+    it in reverse. The element-wise work of a step goes into a few preallocated (b, E, N)
+    buffers, which also keeps the allocator's churn low."""
 
     @staticmethod
     def forward(ctx, delta, drive_scale, A, B, C):
@@ -152,7 +153,8 @@ class _RecomputedRecurrence(torch.autograd.Function):
         # the order of later sums over these gradients)
         g_delta, g_scale, g_B, g_C = (t.new_empty(t.shape) for t in (delta, drive_scale, B, C))
         # a segment's states h_first .. h_last and their decays, and two scratch buffers
-        states, decays = ([torch.empty_like(starts[0]) for _ in range(segment)] for _ in "sd")
+        states = [torch.empty_like(starts[0]) for _ in range(segment)]
+        decays = [torch.empty_like(starts[0]) for _ in range(segment)]
         g_carry, work = torch.empty_like(starts[0]), torch.empty_like(starts[0])
         g_A = None
         for first in reversed(range(0, length, segment)):
