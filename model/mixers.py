@@ -115,21 +115,34 @@ class RWKVMixer(nn.Module):
         self.output = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x):
-        length = x.shape[1]
         shifted = F.pad(x, (0, 0, 1, -1))                                   # x_{t-1}, 0 at t=0
         k = self.key(x * self.mix_k + shifted * (1 - self.mix_k))           # (b, L, d)
         v = self.value(x * self.mix_v + shifted * (1 - self.mix_v))
         r = self.receptance(x * self.mix_r + shifted * (1 - self.mix_r))
-        t = torch.arange(length, device=x.device, dtype=x.dtype)
-        lag = (t[:, None] - 1 - t[None, :]).clamp(min=0)                    # (L, L): t-1-i
-        w = torch.exp(self.time_decay)
-        # exponent[t, i, c] = -(t-1-i) w_c + k_i,c for i < t;  u_c + k_t,c for i = t
-        exponent = -lag[:, :, None] * w + k[:, None, :, :]                  # (b, L, L, d)
-        diagonal = torch.eye(length, dtype=torch.bool, device=x.device)[:, :, None]
-        exponent = torch.where(diagonal, self.time_first + k[:, None, :, :], exponent)
-        exponent = exponent.masked_fill(~_causal_mask(length, x.device)[:, :, None], float("-inf"))
-        wkv = (exponent.softmax(dim=2) * v[:, None, :, :]).sum(2)           # (b, L, d)
-        return self.output(torch.sigmoid(r) * wkv)
+        return self.output(torch.sigmoid(r) * self.wkv(k, v))
+
+    def wkv(self, k, v):
+        """wkv (b, L, d) in float32 from keys and values k, v (b, L, d).
+
+        Each past term factors as e^{-(t-1-i) w} e^{k_i}: a (L, L) decay per channel times a
+        weight per frame, so both sums are one batched product over the d channels (no
+        (b, L, L, d) tensor). Every exponent is shifted by its channel's largest one, which the
+        ratio does not see, so no term exceeds 1; a channel whose exponents over one sequence
+        span more than about 80 would underflow its earliest frames in float32.
+        """
+        with torch.autocast(k.device.type, enabled=False):
+            k, v = k.float(), v.float()
+            b, length, _ = k.shape
+            w, u = torch.exp(self.time_decay), self.time_first                # (d,)
+            t = torch.arange(length, device=k.device, dtype=torch.float32)
+            lag = t[:, None] - 1 - t[None, :]                                   # (L, L): t-1-i
+            decay = torch.exp(-lag.clamp(min=0) * w[:, None, None]) * (lag >= 0)   # (d, L, L)
+            shift = (k.amax(1, keepdim=True) + u.clamp(min=0)).detach()         # (b, 1, d)
+            weight = torch.exp(k - shift)                                       # i < t terms
+            first = torch.exp(u + k - shift)                                    # the i = t term
+            terms = torch.cat([weight * v, weight]).permute(2, 1, 0)            # (d, L, 2b)
+            past = torch.bmm(decay, terms).permute(2, 1, 0)                     # (2b, L, d)
+            return (past[:b] + first * v) / (past[b:] + first)
 
 
 def resolve_mixer(model_cfg, device=None, max_frames=None):

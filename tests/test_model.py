@@ -84,6 +84,42 @@ def test_selective_scan_equals_stepwise_recurrence_float64():
     assert torch.allclose(got, expected, atol=1e-10, rtol=0)
 
 
+def _wkv_by_definition(k, v, w, u):
+    """RWKV's wkv straight from its definition: at each t a softmax over i <= t of the
+    exponents -(t-1-i) w + k_i (i < t) and u + k_t, weighting the values v_i."""
+    out = []
+    for t in range(k.shape[1]):
+        exponents = [-(t - 1 - i) * w + k[:, i] for i in range(t)] + [u + k[:, t]]
+        out.append((torch.stack(exponents, 1).softmax(1) * v[:, :t + 1]).sum(1))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("key_scale", [1.0, 15.0])
+def test_rwkv_wkv_equals_its_definition(key_scale):
+    """The factored, batched wkv equals the softmax of the definition, values and gradients,
+    also with keys spread widely over the sequence (float32 against float64)."""
+    from model.mixers import RWKVMixer
+    gen = torch.Generator().manual_seed(0)
+    mixer = RWKVMixer(8)
+    with torch.no_grad():
+        mixer.time_decay.copy_(torch.randn(8, generator=gen))
+        mixer.time_first.copy_(2 * torch.randn(8, generator=gen))
+    k = (key_scale * torch.randn(3, 13, 8, generator=gen)).requires_grad_()
+    v = torch.randn(3, 13, 8, generator=gen).requires_grad_()
+    weights = torch.randn(3, 13, 8, generator=gen, dtype=torch.float64)
+    got = mixer.wkv(k, v)
+    grads = torch.autograd.grad((got * weights.float()).sum(),
+                                [k, v, mixer.time_decay, mixer.time_first])
+    params = [t.detach().double().requires_grad_()
+              for t in (k, v, mixer.time_decay, mixer.time_first)]
+    want = _wkv_by_definition(params[0], params[1], params[2].exp(), params[3])
+    want_grads = torch.autograd.grad((want * weights).sum(), params)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads):
+        assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
 def test_plain_mamba_has_mamba_ssm_parameters():
     mixer = MambaMixer(32)
     shapes = {n: tuple(p.shape) for n, p in mixer.named_parameters()}
