@@ -95,11 +95,14 @@ def test_ablation_variants_change_what_they_claim(root):
     assert all(0 <= v <= 1 for r in rows for v in r["mean"].values())
     runs = root / "out" / "runs"
 
+    def run_dir(variant):      # the full model is the main table's run
+        return runs / ("s5vh_16bits_seed1" if variant == "full" else f"{variant}_16bits_seed1")
+
     def checkpoint(variant):
-        return load_checkpoint(str(runs / f"{variant}_16bits_seed1" / "last.pth"))
+        return load_checkpoint(str(run_dir(variant) / "last.pth"))
 
     def log(variant):
-        return [json.loads(line) for line in open(runs / f"{variant}_16bits_seed1" / "log.jsonl")]
+        return [json.loads(line) for line in open(run_dir(variant) / "log.jsonl")]
 
     full = checkpoint("full")
     assert not any("classifier" in k for k in full["criterion"])
@@ -216,3 +219,28 @@ def test_sweep_crosses_the_grid_and_chooses_by_validation(root):
     again = call(root, "sweep", "--bits", "16", "--seeds", "1", "2", "--eval-every", "1",
                  "--grid", "train.a_cluster=0.1,1.0", "train.negatives=all,other_clusters")
     assert [r["test_selected"] for r in again] == [r["test_selected"] for r in rows]
+
+
+def test_together_trains_every_run_in_one_group_and_writes_what_each_command_would(
+        root, caplog):
+    """`together` sets every run up before any trains (one group, one process), trains a run two
+    experiments share once, and writes the outputs the separate commands write."""
+    caplog.clear()
+    together = paper.main(["together", "main", "ablation", "convergence", "--config",
+                           DEMO_CONFIG, "--out", str(root / "together"), "--bits", "16",
+                           "--seeds", "1", "--eval-every", "1", "--cfg-options",
+                           f"data_root={str(root)!r}", *TINY, "train.num_epochs=2"])
+    text = caplog.text
+    assert text.rindex("set-up:") < text.index("epoch 1:")
+    runs = sorted(os.listdir(root / "together" / "runs"))
+    assert len(runs) == len(paper.ABLATIONS) + 2 and "full_16bits_seed1" not in runs
+    separate = {name: call(root, name, "--bits", "16", "--seeds", "1",
+                           *(["--eval-every", "1"] if name == "convergence" else []))
+                for name in ("main", "ablation", "convergence")}
+    assert [r["per_seed"] for r in together["main"]] == [r["per_seed"] for r in separate["main"]]
+    assert [r["per_seed"] for r in together["ablation"]] == \
+        [r["per_seed"] for r in separate["ablation"]]
+    assert together["convergence"] == separate["convergence"]
+    for name in ("main", "ablation", "convergence"):
+        assert (root / "together" / f"{name}.md").read_text().split("\n", 1)[1] == \
+            (root / "out" / f"{name}.md").read_text().split("\n", 1)[1]

@@ -17,6 +17,7 @@ their own file names, so each regenerates only what it changes.
 """
 import argparse
 import collections
+import itertools
 import os
 import statistics
 
@@ -30,7 +31,7 @@ from inference.metrics import precision_recall_by_radius, retrieval_metrics
 from optim.run_dir import read_log, read_run_config
 from optim.runner import plan_run, train_runs
 from utils.cli import CommandParser, run_cli
-from utils.config import build_config, check_code_lengths, check_distinct
+from utils.config import build_config, check_code_lengths, check_distinct, config_fingerprint
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.fileio import atomic_path, atomic_write_text, write_json
@@ -79,6 +80,9 @@ ABLATIONS = [
 ]
 BACKBONES = ("mamba", "lstm", "attention", "retention", "rwkv")
 TSNE_CLASSES = 10
+# the experiments `together` can train at once (backbones times each of its runs alone; transfer
+# reads two data sets)
+TOGETHER = ("main", "ablation", "convergence", "sweep", "curves", "tsne")
 
 
 class Experiment:
@@ -148,13 +152,18 @@ def s5vh_run_name(nbits, seed):
     return f"s5vh_{nbits}bits_seed{seed}"
 
 
+def main_runs(exp, bits, seeds):
+    """The main table's runs {name: cfg}, one per code length and seed; inputs checked."""
+    for nbits in bits:
+        exp.check(exp.cfg(f"nbits={nbits}"), baseline_bits=bits)
+    return {s5vh_run_name(nbits, seed): exp.cfg(f"nbits={nbits}", f"seed={seed}")
+            for nbits in bits for seed in seeds}
+
+
 def run_main(exp, bits, seeds):
     """mAP@R of S5VH (mean ± std over seeds) beside ITQ and LSH, and the published numbers."""
     topk = tuple(exp.cfg().eval.topk)
-    for nbits in bits:
-        exp.check(exp.cfg(f"nbits={nbits}"), baseline_bits=bits)
-    results = exp.train({s5vh_run_name(nbits, seed): exp.cfg(f"nbits={nbits}", f"seed={seed}")
-                         for nbits in bits for seed in seeds})
+    results = exp.train(main_runs(exp, bits, seeds))
     scores = {}                        # (method, nbits) -> [per-seed {R: mAP}]
     for nbits in bits:
         for seed in seeds:
@@ -188,16 +197,26 @@ def run_main(exp, bits, seeds):
     return rows
 
 
+def _variant_run_name(name, overrides, nbits, seed):
+    """A variant that changes nothing is S5VH as configured: the main table's run."""
+    return f"{name}_{nbits}bits_seed{seed}" if overrides else s5vh_run_name(nbits, seed)
+
+
+def variant_runs(exp, variants, nbits, seeds):
+    """The runs {name: cfg} of every variant on every seed; inputs checked."""
+    exp.check(exp.cfg(f"nbits={nbits}"))
+    return {_variant_run_name(name, overrides, nbits, seed):
+            exp.cfg(f"nbits={nbits}", f"seed={seed}", *overrides)
+            for name, _, overrides in variants for seed in seeds}
+
+
 def _variant_table(exp, variants, nbits, seeds, extra=None, concurrent=None):
     """Train every variant on every seed; rows with per-seed and mean mAP@R."""
     topk = tuple(exp.cfg().eval.topk)
-    exp.check(exp.cfg(f"nbits={nbits}"))
-    trained = exp.train({f"{name}_{nbits}bits_seed{seed}":
-                         exp.cfg(f"nbits={nbits}", f"seed={seed}", *overrides)
-                         for name, _, overrides in variants for seed in seeds}, concurrent)
+    trained = exp.train(variant_runs(exp, variants, nbits, seeds), concurrent)
     rows = []
     for name, description, overrides in variants:
-        results = [trained[f"{name}_{nbits}bits_seed{seed}"] for seed in seeds]
+        results = [trained[_variant_run_name(name, overrides, nbits, seed)] for seed in seeds]
         per_seed = [r["test_mAP"] for r in results]
         row = {"variant": name, "description": description, "overrides": overrides,
                "per_seed": per_seed,
@@ -232,9 +251,11 @@ def _epoch_seconds(run_dir):
 def run_backbones(exp, nbits, seeds):
     variants = [(mixer, f"{mixer} mixers in the same layer", [f"model.mixer='{mixer}'"])
                 for mixer in BACKBONES]
+    overrides = {name: changes for name, _, changes in variants}
 
     def extra(name, results):
-        dirs = [exp.run_dir(f"{name}_{nbits}bits_seed{seed}") for seed in seeds]
+        dirs = [exp.run_dir(_variant_run_name(name, overrides[name], nbits, seed))
+                for seed in seeds]
         return {"seconds_per_epoch": statistics.mean(_epoch_seconds(d) for d in dirs),
                 "parameters": results[0]["runtime"]["parameters"],
                 "implementation": results[0]["runtime"]["mixer"]}
@@ -292,17 +313,24 @@ def run_transfer(exp, source, target, nbits, seed):
 CONVERGENCE_K = (5, 20, 100)
 
 
-def run_convergence(exp, nbits, seeds, eval_every):
-    """Test mAP@5/20/100 against epoch with and without L_CA (monitoring, not selection)."""
+CONVERGENCE_VARIANTS = (("with_ca", "with L_CA", []),
+                        ("without_ca", "without L_CA", ["train.a_cluster=0.0"]))
+
+
+def convergence_runs(exp, nbits, seeds, eval_every):
+    """The runs {name: cfg} with and without L_CA, monitoring test mAP; inputs checked."""
     exp.check(exp.cfg(f"nbits={nbits}"))
     monitor = ["train.monitor='test'", f"train.eval_every={eval_every}"]
-    variants = (("with_ca", "with L_CA", []),
-                ("without_ca", "without L_CA", ["train.a_cluster=0.0"]))
-    trained = exp.train({f"convergence_{name}_{nbits}bits_seed{seed}":
-                         exp.cfg(f"nbits={nbits}", f"seed={seed}", *monitor, *overrides)
-                         for name, _, overrides in variants for seed in seeds})
+    return {f"convergence_{name}_{nbits}bits_seed{seed}":
+            exp.cfg(f"nbits={nbits}", f"seed={seed}", *monitor, *overrides)
+            for name, _, overrides in CONVERGENCE_VARIANTS for seed in seeds}
+
+
+def run_convergence(exp, nbits, seeds, eval_every):
+    """Test mAP@5/20/100 against epoch with and without L_CA (monitoring, not selection)."""
+    trained = exp.train(convergence_runs(exp, nbits, seeds, eval_every))
     curves = {}
-    for name, label, overrides in variants:
+    for name, label, _ in CONVERGENCE_VARIANTS:
         per_seed = []
         for seed in seeds:
             run_name = f"convergence_{name}_{nbits}bits_seed{seed}"
@@ -369,10 +397,13 @@ def _mean_std_at(curves, epoch, k):
     return _mean_std([c[epoch][k] for c in curves])
 
 
-def run_sweep(exp, nbits, seeds, grid, eval_every):
-    """A grid of config values x seeds, monitored on the validation split: which setting keeps
-    the deep ranks (mAP@20/100) without giving up the first (mAP@5)."""
-    import itertools
+def _grid_points(grid):
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def sweep_runs(exp, nbits, seeds, grid, eval_every):
+    """The runs {name: cfg} of every grid point and seed, monitoring validation mAP; inputs
+    and the grid's keys checked."""
     base = exp.cfg(f"nbits={nbits}")
     exp.check(base)
     for key in grid:                         # an unknown key fails here, before any training
@@ -381,14 +412,18 @@ def run_sweep(exp, nbits, seeds, grid, eval_every):
         except KeyError:
             raise UserError(f"--grid {key}: not a config key") from None
     monitor = ["train.monitor='val'", f"train.eval_every={eval_every}"]
-    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    runs = {}
-    for point in points:
-        for seed in seeds:
-            runs[_grid_point_name(point, base, nbits, seed)] = exp.cfg(
-                f"nbits={nbits}", f"seed={seed}", *monitor,
-                *[f"{key}={value!r}" for key, value in point.items()])
-    trained = exp.train(runs)
+    return {_grid_point_name(point, base, nbits, seed):
+            exp.cfg(f"nbits={nbits}", f"seed={seed}", *monitor,
+                    *[f"{key}={value!r}" for key, value in point.items()])
+            for point in _grid_points(grid) for seed in seeds}
+
+
+def run_sweep(exp, nbits, seeds, grid, eval_every):
+    """A grid of config values x seeds, monitored on the validation split: which setting keeps
+    the deep ranks (mAP@20/100) without giving up the first (mAP@5)."""
+    base = exp.cfg(f"nbits={nbits}")
+    trained = exp.train(sweep_runs(exp, nbits, seeds, grid, eval_every))
+    points = _grid_points(grid)
     rows = []
     for point in points:
         names = [_grid_point_name(point, base, nbits, seed) for seed in seeds]
@@ -576,11 +611,17 @@ def tsne_figure(points, classes, title):
     return fig
 
 
-def _codes(exp, nbits, seed):
-    """Query/database codes and labels of S5VH (the main run), ITQ and LSH on the test protocol."""
+def main_run(exp, nbits, seed):
+    """The main table's run of one code length and seed {name: cfg}; inputs checked."""
     cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
     exp.check(cfg, baseline_bits=(nbits,))
-    exp.train({s5vh_run_name(nbits, seed): cfg})
+    return {s5vh_run_name(nbits, seed): cfg}
+
+
+def _codes(exp, nbits, seed):
+    """Query/database codes and labels of S5VH (the main run), ITQ and LSH on the test protocol."""
+    exp.train(main_run(exp, nbits, seed))
+    cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
     checkpoint = os.path.join(exp.run_dir(s5vh_run_name(nbits, seed)), "best.pth")
     _, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint, exp.device)
     train, (db_feats, db_labels), (query_feats, query_labels) = mean_pooled_sets(cfg)
@@ -673,6 +714,12 @@ EXPERIMENTS = {
              "Uses the main table's run of the code length and seed (trained if missing: 1 run) "
              f"and writes tsne.json, tsne.md and tsne.png (queries of the first {TSNE_CLASSES} "
              "classes)."),
+    "together": ("several experiments at once: their runs trained together in one process",
+                 "Trains the runs of every experiment named (any of "
+                 + ", ".join(TOGETHER) + ") together in one process, a run two of them share "
+                 "once, then writes each experiment's outputs as its own command would. Runs "
+                 "in one process overlap their kernels on the GPU, where separate processes "
+                 "take turns. `backbones` is not among them: it times each run alone."),
 }
 
 
@@ -706,6 +753,9 @@ def parse_args(argv=None):
                              "--out/runs/ are reused, never trained again.",
                              formatter_class=argparse.RawDescriptionHelpFormatter,
                              prog=f"python -m tools.paper {name}")
+        if name == "together":
+            one.add_argument("experiments", nargs="+", choices=TOGETHER, metavar="EXPERIMENT",
+                             help="the experiments to run (" + ", ".join(TOGETHER) + ")")
         if name == "transfer":
             one.add_argument("--source", required=True, help="config of the data set trained on")
             one.add_argument("--target", required=True,
@@ -713,24 +763,85 @@ def parse_args(argv=None):
         else:
             one.add_argument("--config", required=True,
                              help="config of the data set, e.g. configs/S5VH/ucf.py")
-        if name in ("convergence", "sweep"):
+        if name in ("convergence", "sweep", "together"):
             one.add_argument("--eval-every", type=int, default=10,
                              help="epochs between the monitored evaluations (default 10)")
-        if name == "sweep":
+        if name in ("sweep", "together"):
             one.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2",
                              help="the config keys and values to cross (default "
                                   + " ".join(f"{k}={','.join(map(str, v))}"
                                              for k, v in SWEEP_GRID.items()) + ")")
-        if name == "curves":
+        if name in ("curves", "together"):
             one.add_argument("--top-n", type=int, nargs=3, default=[5, 100, 5],
                              metavar=("FIRST", "LAST", "STEP"),
                              help="the N of mAP@N (default 5 100 5)")
     return parser.parse_args(argv)
 
 
+def _settings(name, args, exp):
+    """(bits, seeds) of experiment `name`: the arguments, or the experiment's defaults."""
+    bits = args.bits or ([16, 32, 64] if name == "main" else [exp.cfg().nbits])
+    seeds = args.seeds or ([1, 2, 3] if name in ("main", "sweep") else [1])
+    return bits, seeds
+
+
+def planned_runs(name, exp, args):
+    """The runs {name: cfg} experiment `name` trains, its inputs checked."""
+    bits, seeds = _settings(name, args, exp)
+    if name == "main":
+        return main_runs(exp, bits, seeds)
+    if name == "ablation":
+        return variant_runs(exp, ABLATIONS, bits[0], seeds)
+    if name == "convergence":
+        return convergence_runs(exp, bits[0], seeds, args.eval_every)
+    if name == "sweep":
+        return sweep_runs(exp, bits[0], seeds, _grid(args), args.eval_every)
+    return main_run(exp, bits[0], seeds[0])          # curves, tsne
+
+
+def _grid(args):
+    return parse_grid(args.grid) if args.grid else SWEEP_GRID
+
+
+def run_experiment(name, exp, args):
+    """Train what experiment `name` needs (finished runs are reused) and write its outputs."""
+    bits, seeds = _settings(name, args, exp)
+    if name == "main":
+        return run_main(exp, bits, seeds)
+    if name == "ablation":
+        return run_ablation(exp, bits[0], seeds)
+    if name == "backbones":
+        return run_backbones(exp, bits[0], seeds)
+    if name == "transfer":
+        return run_transfer(exp, args.source, args.target, bits[0], seeds[0])
+    if name == "convergence":
+        return run_convergence(exp, bits[0], seeds, args.eval_every)
+    if name == "sweep":
+        return run_sweep(exp, bits[0], seeds, _grid(args), args.eval_every)
+    if name == "curves":
+        first, last, step = args.top_n
+        return run_curves(exp, bits[0], seeds[0], range(first, last + 1, step))
+    return run_tsne(exp, bits[0], seeds[0])
+
+
+def run_together(names, args):
+    """Every run of the experiments `names` trained in one group, then each one's outputs;
+    {experiment: what it returns}."""
+    experiments = {name: Experiment(name, args.config, args.cfg_options, args.out,
+                                    args.concurrent, not args.no_progress) for name in names}
+    runs = {}
+    for name, exp in experiments.items():
+        for run, cfg in planned_runs(name, exp, args).items():
+            if run in runs and config_fingerprint(runs[run]) != config_fingerprint(cfg):
+                raise UserError(f"two experiments train a run named {run} with different "
+                                f"configs")
+            runs[run] = cfg
+    experiments[names[0]].train(runs)
+    return {name: run_experiment(name, exp, args) for name, exp in experiments.items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
-    transfer = args.experiment == "transfer"
     if getattr(args, "eval_every", 1) < 1:
         raise UserError(f"--eval-every must be at least 1, got {args.eval_every}")
     first, last, step = getattr(args, "top_n", (1, 1, 1))
@@ -742,29 +853,14 @@ def main(argv=None):
     for option, values in (("--bits", args.bits), ("--seeds", args.seeds)):
         if values is not None:
             check_distinct(values, option)
+    if args.bits:
+        check_code_lengths(args.bits)
+    if args.experiment == "together":
+        return run_together(list(dict.fromkeys(args.experiments)), args)
+    transfer = args.experiment == "transfer"
     exp = Experiment(args.experiment, args.target if transfer else args.config,
                      args.cfg_options, args.out, args.concurrent, not args.no_progress)
-    several_seeds = args.experiment in ("main", "sweep")
-    bits = args.bits or ([16, 32, 64] if args.experiment == "main" else [exp.cfg().nbits])
-    seeds = args.seeds or ([1, 2, 3] if several_seeds else [1])
-    if args.bits:
-        check_code_lengths(bits)
-    if args.experiment == "main":
-        return run_main(exp, bits, seeds)
-    if args.experiment == "ablation":
-        return run_ablation(exp, bits[0], seeds)
-    if args.experiment == "backbones":
-        return run_backbones(exp, bits[0], seeds)
-    if args.experiment == "transfer":
-        return run_transfer(exp, args.source, args.target, bits[0], seeds[0])
-    if args.experiment == "convergence":
-        return run_convergence(exp, bits[0], seeds, args.eval_every)
-    if args.experiment == "sweep":
-        grid = parse_grid(args.grid) if args.grid else SWEEP_GRID
-        return run_sweep(exp, bits[0], seeds, grid, args.eval_every)
-    if args.experiment == "curves":
-        return run_curves(exp, bits[0], seeds[0], range(first, last + 1, step))
-    return run_tsne(exp, bits[0], seeds[0])
+    return run_experiment(args.experiment, exp, args)
 
 
 if __name__ == "__main__":
