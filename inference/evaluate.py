@@ -8,23 +8,34 @@ from inference.encode import NonFiniteCodes
 from inference.retrieval import RetrievalSet, score_codes
 from model.s5vh import build_model
 from utils.checkpoint import load_checkpoint, load_weights
+from utils.content_hash import file_sha256
 from utils.fileio import atomic_path
 
 
+# the last protocol's mean-pooled sets, by the content of their files: the baselines of several
+# seeds and code lengths, and the figures after them, read the features once per process
+_last_pooled = {}
+
+
 def mean_pooled_sets(cfg):
-    """Mean-pooled (N, D) features of the training set, database and queries (shared reads)."""
-    chunk = cfg.preprocess.chunk_videos
+    """Mean-pooled (N, D) features of the training set, database and queries (shared reads;
+    read-only arrays, kept for the next call on the same files and rows)."""
     train = train_set(cfg)
     database, queries = retrieval_sets(cfg)
-    cache = {}
-
-    def pooled(videos):
-        key = (videos.path, videos.rows.tobytes())
-        if key not in cache:
-            cache[key] = videos.mean_pooled(cfg, chunk)
-        return cache[key]
-
-    return pooled(train), (pooled(database), database.labels), (pooled(queries), queries.labels)
+    sets = (train, database, queries)
+    key = tuple((file_sha256(v.path), v.key, v.rows.tobytes()) for v in sets) + (
+        cfg.max_frames, cfg.feature_size)
+    if key not in _last_pooled:
+        cache = {}
+        for videos in sets:
+            name = (videos.path, videos.key, videos.rows.tobytes())
+            if name not in cache:
+                cache[name] = videos.mean_pooled(cfg, cfg.preprocess.chunk_videos)
+                cache[name].setflags(write=False)
+        _last_pooled.clear()
+        _last_pooled[key] = [cache[(v.path, v.key, v.rows.tobytes())] for v in sets]
+    pooled_train, pooled_db, pooled_queries = _last_pooled[key]
+    return pooled_train, (pooled_db, database.labels), (pooled_queries, queries.labels)
 
 
 def evaluate_baselines(cfg, methods, bits):

@@ -21,25 +21,27 @@ def score_codes(db_codes, query_codes, db_labels, query_labels, cfg, device=None
 class RetrievalSet:
     """Database and queries (labelled VideoSets) of one protocol.
 
-    With `train_videos` and their resident (N, M, D) `train_features`, videos that are rows of the
-    training set are encoded from that tensor instead of being read from the file again, one
-    `eval.batch_size` block at a time (not gathered into one copy of the whole set first).
+    `resident`: (VideoSet, (n, M, D) tensor) pairs, copies of sets' features already in memory
+    (the training features on the device, say). A set whose videos are all rows of one of them
+    is encoded from that tensor, one `eval.batch_size` block at a time (not gathered into one
+    copy of the whole set first), instead of being read from its file again.
     """
 
-    def __init__(self, name, database, queries, train_videos=None, train_features=None):
+    def __init__(self, name, database, queries, resident=()):
         self.name, self.database, self.queries = name, database, queries
-        self._train = (train_videos, train_features)
+        self._resident = list(resident)
 
     def _source(self, videos, cfg):
-        train_videos, train_features = self._train
-        if train_videos is not None and videos.path == train_videos.path:
-            position = {int(r): i for i, r in enumerate(train_videos.rows)}
+        batch = cfg.eval.batch_size
+        for held, features in self._resident:
+            if videos.path != held.path or videos.key != held.key:
+                continue
+            position = {int(r): i for i, r in enumerate(held.rows)}
             if all(int(r) in position for r in videos.rows):
                 rows = torch.tensor([position[int(r)] for r in videos.rows],
-                                    device=train_features.device)
-                batch = cfg.eval.batch_size
-                return (train_features[rows[i:i + batch]] for i in range(0, len(rows), batch))
-        return videos.iter_blocks(cfg, cfg.eval.batch_size)
+                                    device=features.device)
+                return (features[rows[i:i + batch]] for i in range(0, len(rows), batch))
+        return videos.iter_blocks(cfg, batch)
 
     def _encode(self, model, videos, cfg, device):
         try:

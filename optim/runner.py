@@ -56,6 +56,10 @@ RESIDENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float1
 # GPU memory asked for beyond the measured need of the runs, for fragmentation and the graphs'
 # static inputs
 MEMORY_MARGIN = 1.25
+# Evaluation videos that are not training rows stay in memory beside the training features
+# (float32, as reading them gives, one copy for all runs) up to this size: reading them from
+# their file at every evaluation holds up every run trained in the same process.
+RESIDENT_EVAL_BYTES = 2 * 2 ** 30
 
 
 class NonFiniteLossError(UserError):
@@ -138,15 +142,28 @@ class Run:
             self.log.message(text)
 
 
-def _resident_features(videos, cfg, device, shared):
-    """The (N, M, D) training features on `device`, one copy per file, rows and dtype for all
-    the runs that share `shared`."""
-    t = cfg.train
-    dtype = RESIDENT_DTYPES[t.resident_dtype]
+def _resident_features(videos, cfg, device, shared, dtype):
+    """The (n, M, D) features of `videos` on `device` in `dtype`, one copy per file, rows and
+    dtype for all the runs that share `shared`."""
     key = (os.path.realpath(videos.path), videos.key, videos.rows.tobytes(), dtype, str(device))
     if key not in shared:
         shared[key] = videos.load_resident(cfg, device, dtype, cfg.preprocess.chunk_videos)
     return shared[key]
+
+
+def _retrieval_set(name, database, queries, train, cfg, device, shared):
+    """RetrievalSet of a protocol whose videos are encoded from memory: the training rows from
+    the resident training features `train` (VideoSet, tensor), the other videos from a float32
+    copy of their own when it takes at most RESIDENT_EVAL_BYTES."""
+    resident = [train]
+    for videos in (database, queries):
+        inside = set(train[0].rows.tolist()) if videos.path == train[0].path and \
+            videos.key == train[0].key else set()
+        size = len(videos) * cfg.max_frames * cfg.feature_size * 4
+        if not inside.issuperset(videos.rows.tolist()) and size <= RESIDENT_EVAL_BYTES:
+            resident.append((videos, _resident_features(videos, cfg, device, shared,
+                                                        torch.float32)))
+    return RetrievalSet(name, database, queries, resident)
 
 
 def setup_run(cfg, run_dir, run_id, fingerprint, shared=None, shard=None, device=None):
@@ -164,7 +181,9 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None, shard=None, device
         videos = train_set(cfg)
         pseudo_labels, centers, digests = load_artifacts(cfg, len(videos))
     clock.lap("artifacts")
-    features = _resident_features(videos, cfg, device, {} if shared is None else shared)
+    shared = {} if shared is None else shared
+    features = _resident_features(videos, cfg, device, shared,
+                                  RESIDENT_DTYPES[t.resident_dtype])
     clock.lap("features")
     model = build_model(cfg, device)
     criterion = S5VHLoss(centers, t).to(device)
@@ -185,10 +204,11 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None, shard=None, device
         step_criterion = torch.compile(criterion, dynamic=False)
     step = TrainStep(model, step_criterion, optimizer, features, label_table, t.batch_size,
                      t.amp, graphs, shard, train_model)
-    sets = {"test": RetrievalSet("test", *retrieval_sets(cfg), videos, features)}
+    sets = {"test": _retrieval_set("test", *retrieval_sets(cfg), (videos, features), cfg,
+                                   device, shared)}
     if "val" in (t.select, t.monitor):
-        sets["val"] = RetrievalSet("val", *validation_sets(cfg, t.val_fraction, cfg.seed), videos,
-                                   features)
+        sets["val"] = _retrieval_set("val", *validation_sets(cfg, t.val_fraction, cfg.seed),
+                                     (videos, features), cfg, device, shared)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     clock.lap("model and evaluation sets")
     writes = shard is None or shard.writes

@@ -366,3 +366,49 @@ def test_loading_an_optimizer_keeps_its_device_learning_rate_tensor(tmp_path):
     assert optimizer.param_groups[0]["lr"] is rate and float(rate) == pytest.approx(2e-4)
     set_epoch_lr(optimizer, 3e-4)                     # what the epoch loop does next
     assert float(rate) == pytest.approx(3e-4)
+
+
+def test_evaluation_videos_are_read_once_and_scored_as_from_their_file(tmp_path):
+    """The queries (not training rows) are read from their file once, at set-up, however often
+    the run evaluates them; its test mAP equals that of the selected checkpoint scored straight
+    from the files."""
+    from dataset.protocol import VideoSet
+    from inference.evaluate import evaluate_checkpoint
+    make_tiny_demo(str(tmp_path))
+    cfg = tiny_run_config(tmp_path, "train.num_epochs=3", "train.monitor='test'",
+                          "train.eval_every=1")
+    reads = []
+    original = VideoSet.iter_blocks
+
+    def iter_blocks(videos, *args, **kwargs):
+        reads.append(os.path.basename(videos.path))
+        return original(videos, *args, **kwargs)
+
+    with mock.patch.object(VideoSet, "iter_blocks", iter_blocks):
+        results = start_run(cfg, str(tmp_path / "run"), progress=False)
+    assert reads.count("demo_test_feats.h5") == 1
+    from_file, _, _ = evaluate_checkpoint(cfg, str(tmp_path / "run" / "best.pth"), "cpu")
+    assert from_file["mAP"] == results["test_mAP"]
+
+
+def test_mean_pooled_sets_are_read_again_only_when_a_file_changes(tmp_path):
+    from dataset.protocol import VideoSet
+    from inference.evaluate import mean_pooled_sets
+    make_tiny_demo(str(tmp_path))
+    cfg = tiny_run_config(tmp_path)
+    reads = []
+    original = VideoSet.mean_pooled
+
+    def mean_pooled(videos, *args, **kwargs):
+        reads.append(os.path.basename(videos.path))
+        return original(videos, *args, **kwargs)
+
+    with mock.patch.object(VideoSet, "mean_pooled", mean_pooled):
+        first = mean_pooled_sets(cfg)
+        again = mean_pooled_sets(cfg)
+        assert len(reads) == 2 and again[1][0] is first[1][0]
+        with pytest.raises(ValueError):          # shared arrays: nobody may change them
+            first[0][0, 0] = 1.0
+        make_tiny_demo(str(tmp_path), seed=3)
+        changed = mean_pooled_sets(cfg)
+    assert len(reads) == 4 and not np.array_equal(changed[0], first[0])
