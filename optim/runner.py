@@ -618,8 +618,9 @@ def _resume_command(runs):
     return "python train.py --resume " + " ".join(run.run_dir for run in runs)
 
 
-def _train_group(jobs, writer, progress, several, shard=None):
-    """Open, set up and train `jobs` together; {run_dir: results}. With `shard` (one job, several
+def _train_group(jobs, writer, progress, several, shared, shard=None):
+    """Open, set up and train `jobs` together; {run_dir: results}. `shared`: the resident
+    features of earlier groups, which this one uses too. With `shard` (one job, several
     processes) every process does its part, and they stop together when one fails."""
     results = {}
     writes = shard is None or shard.writes
@@ -637,7 +638,6 @@ def _train_group(jobs, writer, progress, several, shard=None):
                 agree(shard, failure)
             if failure is not None:
                 raise failure
-            shared = {}
             placed = dict(zip((o.job.run_dir for o in opened), place_runs(jobs)))
             # runs of one seed after another: the clustering of a seed is then made once
             for item in sorted(opened, key=lambda o: (o.job.cfg.paths.artifact_dir,
@@ -694,11 +694,12 @@ def train_runs(jobs, progress=True, concurrent=None, shard=None):
                          f"asked for (give one code length and one seed)")
     concurrent = concurrent or len(jobs)
     results = {}
+    shared = {}            # resident features, loaded once for all the groups
     writer = CheckpointWriter()
     try:
         for start in range(0, len(jobs), concurrent):
             group = jobs[start:start + concurrent]
-            results.update(_train_group(group, writer, progress, len(jobs) > 1, shard))
+            results.update(_train_group(group, writer, progress, len(jobs) > 1, shared, shard))
     except (dist.DistError, RuntimeError) as err:
         if shard is None or not lost_process(err):
             raise

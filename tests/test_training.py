@@ -412,3 +412,20 @@ def test_mean_pooled_sets_are_read_again_only_when_a_file_changes(tmp_path):
         make_tiny_demo(str(tmp_path), seed=3)
         changed = mean_pooled_sets(cfg)
     assert len(reads) == 4 and not np.array_equal(changed[0], first[0])
+
+
+def test_runs_trained_one_group_after_another_load_the_features_once(tmp_path):
+    from dataset.protocol import VideoSet
+    make_tiny_demo(str(tmp_path))
+    loads = []
+    original = VideoSet.load_resident
+
+    def load_resident(videos, *args, **kwargs):
+        loads.append(os.path.basename(videos.path))
+        return original(videos, *args, **kwargs)
+
+    jobs = [runner.Job(tiny_run_config(tmp_path, "train.num_epochs=1", f"seed={seed}"),
+                       str(tmp_path / f"run{seed}")) for seed in (1, 2)]
+    with mock.patch.object(VideoSet, "load_resident", load_resident):
+        runner.train_runs(jobs, progress=False, concurrent=1)
+    assert sorted(loads) == ["demo_test_feats.h5", "demo_train_feats.h5"]
