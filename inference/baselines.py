@@ -1,9 +1,17 @@
 """Classical unsupervised hashing baselines on mean-pooled features: LSH and PCA-ITQ."""
+import numpy as np
 import torch
 
 from utils.hashing import binarize
 
 ITQ_ITERATIONS = 50
+
+
+def _float64(feats):
+    """(N, D) features as float64 of their own (arrays may be shared and read-only)."""
+    if torch.is_tensor(feats):
+        return feats.double()
+    return torch.from_numpy(np.array(feats, dtype=np.float64))
 
 
 class LSH:
@@ -14,7 +22,7 @@ class LSH:
 
     def fit(self, feats):
         """feats: (N, D) mean-pooled training features."""
-        feats = torch.as_tensor(feats, dtype=torch.float64)
+        feats = _float64(feats)
         gen = torch.Generator().manual_seed(self.seed)
         self.mean = feats.mean(0)
         self.projection = torch.randn(feats.shape[1], self.nbits, generator=gen,
@@ -23,7 +31,7 @@ class LSH:
 
     def encode(self, feats):
         """(n, D) -> (n, B) ±1 codes."""
-        feats = torch.as_tensor(feats, dtype=torch.float64)
+        feats = _float64(feats)
         return binarize((feats - self.mean) @ self.projection).float()
 
 
@@ -35,7 +43,7 @@ class ITQ:
 
     def fit(self, feats):
         """feats: (N, D) mean-pooled training features; needs N, D >= B."""
-        feats = torch.as_tensor(feats, dtype=torch.float64)
+        feats = _float64(feats)
         if min(feats.shape) < self.nbits:
             raise ValueError(f"ITQ with {self.nbits} bits needs at least {self.nbits} videos "
                              f"and feature dimensions, got {tuple(feats.shape)}")
@@ -57,7 +65,7 @@ class ITQ:
         return self
 
     def encode(self, feats):
-        feats = torch.as_tensor(feats, dtype=torch.float64)
+        feats = _float64(feats)
         return binarize((feats - self.mean) @ self.pca @ self.rotation).float()
 
 

@@ -412,6 +412,12 @@ def test_mean_pooled_sets_are_read_again_only_when_a_file_changes(tmp_path):
         make_tiny_demo(str(tmp_path), seed=3)
         changed = mean_pooled_sets(cfg)
     assert len(reads) == 4 and not np.array_equal(changed[0], first[0])
+    import warnings
+    from inference.evaluate import evaluate_baselines
+    with warnings.catch_warnings():       # the baselines copy the shared arrays, never write
+        warnings.simplefilter("error")
+        rows = evaluate_baselines(cfg, ["itq", "lsh"], [8])
+    assert [r["method"] for r in rows] == ["itq", "lsh"]
 
 
 def test_runs_trained_one_group_after_another_load_the_features_once(tmp_path):
