@@ -7,6 +7,7 @@
     python -m tools.paper convergence --config configs/S5VH/ucf.py --eval-every 10
     python -m tools.paper curves --config configs/S5VH/ucf.py
     python -m tools.paper tsne --config configs/S5VH/ucf.py
+    python -m tools.paper together main ablation convergence --config configs/S5VH/ucf.py
 
 Each writes EXPERIMENT.json, EXPERIMENT.md and, for a figure, EXPERIMENT.png into --out (default
 work_dirs/paper/<dataset>), and keeps its training runs under --out/runs/. A finished run whose
