@@ -1,4 +1,6 @@
 """Classical unsupervised hashing baselines on mean-pooled features: LSH and PCA-ITQ."""
+import hashlib
+
 import numpy as np
 import torch
 
@@ -12,6 +14,24 @@ def _float64(feats):
     if torch.is_tensor(feats):
         return feats.double()
     return torch.from_numpy(np.array(feats, dtype=np.float64))
+
+
+# the last features' principal axes: ITQ of several seeds and code lengths on one training set
+# decomposes its (D, D) covariance once (seconds per decomposition at D = 4096)
+_last_axes = {}
+
+
+def _principal_axes(feats):
+    """(mean (D,), eigenvalues (D,), eigenvectors (D, D)) of the covariance of float64 features
+    (N, D); the same for the same content, so the last one's are kept."""
+    key = hashlib.sha256(feats.contiguous().numpy().tobytes()).hexdigest()
+    if key not in _last_axes:
+        mean = feats.mean(0)
+        centred = feats - mean
+        eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / len(centred))
+        _last_axes.clear()
+        _last_axes[key] = (mean, eigvals, eigvecs)
+    return _last_axes[key]
 
 
 class LSH:
@@ -47,10 +67,8 @@ class ITQ:
         if min(feats.shape) < self.nbits:
             raise ValueError(f"ITQ with {self.nbits} bits needs at least {self.nbits} videos "
                              f"and feature dimensions, got {tuple(feats.shape)}")
-        self.mean = feats.mean(0)
+        self.mean, eigvals, eigvecs = _principal_axes(feats)
         centred = feats - self.mean
-        cov = centred.T @ centred / len(centred)
-        eigvals, eigvecs = torch.linalg.eigh(cov)
         self.pca = eigvecs[:, torch.argsort(eigvals, descending=True)[:self.nbits]]   # (D, B)
         projected = centred @ self.pca                                               # (N, B)
         gen = torch.Generator().manual_seed(self.seed)

@@ -40,6 +40,34 @@ def test_baselines_are_deterministic_and_beat_chance(rng, method):
     assert score > 0.6                       # 4 balanced classes: chance is about 0.25
 
 
+def test_itq_decomposes_one_training_set_once_and_gives_what_a_fresh_fit_gives(rng):
+    from unittest import mock
+
+    from inference import baselines
+    x, _ = clustered(rng, 120)
+    other, _ = clustered(rng, 120)
+    fresh = {}
+    for bits, seed in ((8, 1), (16, 2)):
+        baselines._last_axes.clear()
+        fresh[bits] = ITQ(bits, seed).fit(x)
+    calls = []
+    eigh = torch.linalg.eigh
+
+    def counted(matrix):
+        calls.append(matrix.shape)
+        return eigh(matrix)
+
+    baselines._last_axes.clear()
+    with mock.patch.object(torch.linalg, "eigh", counted):
+        fits = {bits: ITQ(bits, seed).fit(x) for bits, seed in ((8, 1), (16, 2))}
+        assert len(calls) == 1
+        ITQ(8, 1).fit(other)                 # other features: decomposed anew
+        assert len(calls) == 2
+    for bits, fit in fits.items():
+        assert torch.equal(fit.pca, fresh[bits].pca)
+        assert torch.equal(fit.rotation, fresh[bits].rotation)
+
+
 def test_itq_needs_enough_dimensions(rng):
     with pytest.raises(ValueError, match="ITQ with 64 bits needs"):
         ITQ(64).fit(rng.normal(size=(100, 32)))
