@@ -8,34 +8,17 @@ from inference.encode import NonFiniteCodes
 from inference.retrieval import RetrievalSet, score_codes
 from model.s5vh import build_model
 from utils.checkpoint import load_checkpoint, load_weights
-from utils.content_hash import file_sha256
 from utils.fileio import atomic_path
 
 
-# the last protocol's mean-pooled sets, by the content of their files: the baselines of several
-# seeds and code lengths, and the figures after them, read the features once per process
-_last_pooled = {}
-
-
 def mean_pooled_sets(cfg):
-    """Mean-pooled (N, D) features of the training set, database and queries (shared reads;
-    read-only arrays, kept for the next call on the same files and rows)."""
+    """Mean-pooled (N, D) features of the training set, database and queries (read-only arrays,
+    each read once per process: VideoSet.mean_pooled)."""
+    chunk = cfg.preprocess.chunk_videos
     train = train_set(cfg)
     database, queries = retrieval_sets(cfg)
-    sets = (train, database, queries)
-    key = tuple((file_sha256(v.path), v.key, v.rows.tobytes()) for v in sets) + (
-        cfg.max_frames, cfg.feature_size)
-    if key not in _last_pooled:
-        cache = {}
-        for videos in sets:
-            name = (videos.path, videos.key, videos.rows.tobytes())
-            if name not in cache:
-                cache[name] = videos.mean_pooled(cfg, cfg.preprocess.chunk_videos)
-                cache[name].setflags(write=False)
-        _last_pooled.clear()
-        _last_pooled[key] = [cache[(v.path, v.key, v.rows.tobytes())] for v in sets]
-    pooled_train, pooled_db, pooled_queries = _last_pooled[key]
-    return pooled_train, (pooled_db, database.labels), (pooled_queries, queries.labels)
+    return (train.mean_pooled(cfg, chunk), (database.mean_pooled(cfg, chunk), database.labels),
+            (queries.mean_pooled(cfg, chunk), queries.labels))
 
 
 def evaluate_baselines(cfg, methods, bits):

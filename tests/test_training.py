@@ -392,18 +392,20 @@ def test_evaluation_videos_are_read_once_and_scored_as_from_their_file(tmp_path)
 
 
 def test_mean_pooled_sets_are_read_again_only_when_a_file_changes(tmp_path):
+    from dataset import protocol
     from dataset.protocol import VideoSet
     from inference.evaluate import mean_pooled_sets
     make_tiny_demo(str(tmp_path))
     cfg = tiny_run_config(tmp_path)
     reads = []
-    original = VideoSet.mean_pooled
+    original = VideoSet.iter_blocks
 
-    def mean_pooled(videos, *args, **kwargs):
+    def iter_blocks(videos, *args, **kwargs):
         reads.append(os.path.basename(videos.path))
         return original(videos, *args, **kwargs)
 
-    with mock.patch.object(VideoSet, "mean_pooled", mean_pooled):
+    protocol._pooled.clear()             # files of this content may have been pooled before
+    with mock.patch.object(VideoSet, "iter_blocks", iter_blocks):
         first = mean_pooled_sets(cfg)
         again = mean_pooled_sets(cfg)
         assert len(reads) == 2 and again[1][0] is first[1][0]
