@@ -199,9 +199,12 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None, shard=None, device
     label_table = LabelTable(pseudo_labels, len(centers), device)
     step_criterion = criterion
     if t.compile:       # Inductor fuses the step's small kernels; one compilation per shape
+        # Inductor's deterministic mode: no choice of a kernel's reduction blocks by timing it,
+        # which can differ from one process to the next and with it the rounding
+        options = {"deterministic": True}
         train_model = torch.compile(model if train_model is None else train_model,
-                                    dynamic=False)
-        step_criterion = torch.compile(criterion, dynamic=False)
+                                    dynamic=False, options=options)
+        step_criterion = torch.compile(criterion, dynamic=False, options=options)
     step = TrainStep(model, step_criterion, optimizer, features, label_table, t.batch_size,
                      t.amp, graphs, shard, train_model)
     sets = {"test": _retrieval_set("test", *retrieval_sets(cfg), (videos, features), cfg,
