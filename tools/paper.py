@@ -612,16 +612,9 @@ def tsne_figure(points, classes, title):
     return fig
 
 
-def main_run(exp, nbits, seed):
-    """The main table's run of one code length and seed {name: cfg}; inputs checked."""
-    cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
-    exp.check(cfg, baseline_bits=(nbits,))
-    return {s5vh_run_name(nbits, seed): cfg}
-
-
 def _codes(exp, nbits, seed):
     """Query/database codes and labels of S5VH (the main run), ITQ and LSH on the test protocol."""
-    exp.train(main_run(exp, nbits, seed))
+    exp.train(main_runs(exp, [nbits], [seed]))
     cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
     checkpoint = os.path.join(exp.run_dir(s5vh_run_name(nbits, seed)), "best.pth")
     _, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint, exp.device)
@@ -797,7 +790,7 @@ def planned_runs(name, exp, args):
         return convergence_runs(exp, bits[0], seeds, args.eval_every)
     if name == "sweep":
         return sweep_runs(exp, bits[0], seeds, _grid(args), args.eval_every)
-    return main_run(exp, bits[0], seeds[0])          # curves, tsne
+    return main_runs(exp, bits[:1], seeds[:1])       # curves, tsne: the main table's run
 
 
 def _grid(args):
