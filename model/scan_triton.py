@@ -7,11 +7,16 @@ of one video; the (channels, N) state lives in registers and the program walks t
 itself, so nothing is reduced across programs except dB and dC, which each program writes as a
 partial sum that one `sum` adds up (no atomics).
 
-The backward pass recomputes the states of the forward pass into a per-program scratch buffer
-(b, E, L, N floats, released after the call; each state written once and read once) and
-then runs the reverse recurrence
+The backward pass recomputes the states of the forward pass and runs the reverse recurrence
     g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t        (g_t = dLoss/dh_t)
-from which every input gradient follows step by step. Work and memory are linear in L; the
+from which every input gradient follows step by step. It needs the states in reverse order, so
+it walks the sequence in segments of `segment` steps, last segment first: a first forward walk
+keeps only the state entering each segment (a checkpoint), and each segment recomputes its own
+states from its checkpoint into a small per-program scratch buffer just before its reverse
+walk. The scratch is (segments - 1) + (segment - 1) states of (channels, N) per program instead
+of L - 1: at S5VH's shapes all states of all programs (b * E * L * N floats, hundreds of MB)
+would make a round trip through the GPU's memory, a few segments' worth stays in its cache, at
+the price of computing the forward recurrence twice. Work and memory are linear in L; the
 programs are sequential in L, so very long sequences with few channels are better served by
 mamba_ssm's chunked kernel (`model.mamba_impl='cuda'`).
 
@@ -23,10 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Channels per program and warps: the fastest of 16/32/64 channels x 1/2/4/8 warps for S5VH's
-# training shapes on an H100 (`python -m tools.bench_scan --sweep`).
+# Channels per program, warps per program, steps per segment of the backward pass (above;
+# SEGMENT >= L keeps every state, as one segment) and steps of every time loop in flight at once
+# (Triton's software pipelining of the loop's loads; 1: none ahead). The fastest of 32/64/128
+# channels x 1/2 warps x 3/4/5/8/all steps x 1/2/3 stages for S5VH's training shapes on an
+# H200 (`python -m tools.bench_scan --sweep`; 4-8 stages were no faster).
 BLOCK_E = 64
 NUM_WARPS = 1
+SEGMENT = 5
+STAGES = 3
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)   # as torch.nn.functional.softplus: identity above it
 
 
@@ -71,14 +81,15 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
                      su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
                      sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_e, sy_l,
                      N: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                         # (BLOCK,)
     n = tl.arange(0, N_PAD)                                                    # (N_PAD,)
     e_ok, n_ok = e < E, n < N
     A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, e, n, e_ok, n_ok, N, HAS_BIAS)
     h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
-    for t in range(L):
+    for t in tl.range(L, num_stages=STAGES):
         u, _, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e,
                                    sdt_l, bias, e_ok, SOFTPLUS)
         Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
@@ -92,20 +103,32 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
 
 
 @triton.jit
+def _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, t, su_b, su_e, su_l, sdt_b, sdt_e, sdt_l,
+                     sB_b, sB_n, sB_l, A, bias, e_ok, n_ok, h, SOFTPLUS: tl.constexpr):
+    """h_t from h_{t-1}: (BLOCK, N_PAD)."""
+    u, _, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e, sdt_l,
+                               bias, e_ok, SOFTPLUS)
+    Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
+    return tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+
+
+@triton.jit
 def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dout_ptr,
-                     states_ptr, du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
-                     dbias_ptr,
-                     E, L,
+                     scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, dparams_ptr, E, L, SEG,
                      su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
                      sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, so_b, so_e, so_l,
                      sg_b, sg_e, sg_l,
                      N: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Gradients of one block of channels of one video.
+                     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     STAGES: tl.constexpr):
+    """Gradients of one block of channels of one video, in segments of SEG steps.
 
-    du, ddt, dz are written with the strides sg_* (one layout for the three); the reductions
-    over channels (dB, dC: (b, blocks, N, L)) and over videos (dA: (b, E, N); dD, dbias: (b, E))
-    are partial sums the caller adds up.
+    du, ddt, dz are written with the strides sg_* (one layout for the three). The reductions are
+    partial sums the caller adds up, each kind in one buffer so that one sum adds it: over
+    channels dB and dC as dBC (b, blocks, 2, N, L), over videos dA, dD and dbias as dparams
+    (b, E, N + 2). The program's scratch holds (segments - 1) checkpoints,
+    slot s - 1 the state h_{s SEG - 1} entering segment s, then SEG - 1 states of the segment
+    being walked.
     """
     b = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -113,67 +136,86 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     e = block * BLOCK + tl.arange(0, BLOCK)
     n = tl.arange(0, N_PAD)
     e_ok, n_ok = e < E, n < N
+    TILE: tl.constexpr = BLOCK * N_PAD
     tile = tl.arange(0, BLOCK)[:, None] * N_PAD + n[None, :]                  # (BLOCK, N_PAD)
     A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, e, n, e_ok, n_ok, N, HAS_BIAS)
-    states = states_ptr + (b * blocks + block) * L * BLOCK * N_PAD             # this program's
+    segments = tl.cdiv(L, SEG)
+    scratch = scratch_ptr + (b * blocks + block) * (segments + SEG - 2) * TILE   # this program's
+    walked = segments - 1                                 # first slot of the segment's states
 
-    # forward again, keeping h_0 .. h_{L-2} for the reverse pass; h_{L-1} stays in registers
+    # forward walk, keeping the checkpoints
     h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
-    for t in range(L):
-        u, _, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e,
-                                   sdt_l, bias, e_ok, SOFTPLUS)
-        Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
-        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-        if t < L - 1:
-            tl.store(states + t * BLOCK * N_PAD + tile, h)
-    tl.debug_barrier()   # the reverse pass reads states other threads of the program wrote
+    for t in tl.range(L - 1, num_stages=STAGES):
+        h = _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, t, su_b, su_e, su_l, sdt_b, sdt_e,
+                             sdt_l, sB_b, sB_n, sB_l, A, bias, e_ok, n_ok, h, SOFTPLUS)
+        if (t + 1) % SEG == 0:
+            tl.store(scratch + ((t + 1) // SEG - 1) * TILE + tile, h)
 
     carry = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)     # exp(delta_{t+1} A) g_{t+1}
     dA_sum = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
     dD_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     dbias_sum = tl.zeros((BLOCK,), dtype=tl.float32)
-    for step in range(L):
-        t = L - 1 - step
-        u, dt_in, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e,
-                                       sdt_l, bias, e_ok, SOFTPLUS)
-        Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
-        Ct = _load_step(C_ptr, b, n, t, sC_b, sC_n, sC_l, n_ok)
-        dy = _load_step(dout_ptr, b, e, t, so_b, so_e, so_l, e_ok)
-        # h holds h_t; load h_{t-1} (h_{-1} = 0: the mask, all of tile < t * tile size, is
-        # true iff t > 0). Each state is read once: it becomes h of the next (earlier) step.
-        h_prev = tl.load(states + (t - 1) * BLOCK * N_PAD + tile,
-                         mask=tile < t * BLOCK * N_PAD, other=0.0)
-        if HAS_Z:
-            zt = _load_step(z_ptr, b, e, t, sz_b, sz_e, sz_l, e_ok)
-            gate = tl.sigmoid(zt)
-            y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
-            dz = dy * y * gate * (1.0 + zt * (1.0 - gate))
-            tl.store(dz_ptr + b * sg_b + e * sg_e + t * sg_l,
-                     dz.to(dz_ptr.dtype.element_ty), mask=e_ok)
-            dy = dy * zt * gate
-        g = carry + dy[:, None] * Ct[None, :]                                  # dLoss/dh_t
-        decay = tl.exp(dt[:, None] * A)
-        g_decay_h = g * decay * h_prev
-        g_B = tl.sum(g * Bt[None, :], axis=1)                                  # (BLOCK,)
-        ddt = tl.sum(g_decay_h * A, axis=1) + g_B * u
-        du = g_B * dt + Dv * dy
-        dA_sum += g_decay_h * dt[:, None]
-        dD_sum += dy * u
-        if SOFTPLUS:
-            ddt = tl.where(dt_in > SOFTPLUS_THRESHOLD, ddt, ddt * tl.sigmoid(dt_in))
-        dbias_sum += ddt
-        tl.store(du_ptr + b * sg_b + e * sg_e + t * sg_l, du.to(du_ptr.dtype.element_ty), mask=e_ok)
-        tl.store(ddt_ptr + b * sg_b + e * sg_e + t * sg_l, ddt.to(ddt_ptr.dtype.element_ty),
-                 mask=e_ok)
-        partial = ((b * blocks + block) * N + n) * L + t                       # (b, blocks, N, L)
-        tl.store(dB_ptr + partial, tl.sum(g * (dt * u)[:, None], axis=0), mask=n_ok)
-        tl.store(dC_ptr + partial, tl.sum(h * dy[:, None], axis=0), mask=n_ok)
-        carry = g * decay
-        h = h_prev
-    tl.store(dA_ptr + (b * E + e[:, None]) * N + n[None, :], dA_sum,
-             mask=e_ok[:, None] & n_ok[None, :])
-    tl.store(dD_ptr + b * E + e, dD_sum, mask=e_ok)
-    tl.store(dbias_ptr + b * E + e, dbias_sum, mask=e_ok)
+    for back in range(segments):
+        s = segments - 1 - back
+        first = s * SEG
+        last = tl.minimum(first + SEG, L) - 1
+        # the segment's states again from its checkpoint (h_{-1} = 0: the mask, all of
+        # tile < s * TILE, is true iff s > 0); h_first .. h_{last-1} to the scratch, h_last kept
+        tl.debug_barrier()   # every thread has read the previous segment's states, and the
+        #                      checkpoints are written, before this segment's are
+        h = tl.load(scratch + (s - 1) * TILE + tile, mask=tile < s * TILE, other=0.0)
+        for t in tl.range(first, last + 1, num_stages=STAGES):
+            h = _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, t, su_b, su_e, su_l, sdt_b,
+                                 sdt_e, sdt_l, sB_b, sB_n, sB_l, A, bias, e_ok, n_ok, h,
+                                 SOFTPLUS)
+            if t < last:
+                tl.store(scratch + (walked + t - first) * TILE + tile, h)
+        tl.debug_barrier()   # the reverse walk reads states other threads of the program wrote
+
+        for step in tl.range(last + 1 - first, num_stages=STAGES):
+            t = last - step
+            u, dt_in, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b,
+                                           sdt_e, sdt_l, bias, e_ok, SOFTPLUS)
+            Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
+            Ct = _load_step(C_ptr, b, n, t, sC_b, sC_n, sC_l, n_ok)
+            dy = _load_step(dout_ptr, b, e, t, so_b, so_e, so_l, e_ok)
+            # h holds h_t; h_{t-1} is the segment's state before it, or at the segment's first
+            # step its checkpoint (zero at t = 0: the mask is true iff t > 0). Each is read
+            # once and becomes h of the next (earlier) step.
+            slot = tl.where(t > first, walked + t - first - 1, s - 1)
+            h_prev = tl.load(scratch + slot * TILE + tile, mask=tile < t * TILE, other=0.0)
+            if HAS_Z:
+                zt = _load_step(z_ptr, b, e, t, sz_b, sz_e, sz_l, e_ok)
+                gate = tl.sigmoid(zt)
+                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                dz = dy * y * gate * (1.0 + zt * (1.0 - gate))
+                tl.store(dz_ptr + b * sg_b + e * sg_e + t * sg_l,
+                         dz.to(dz_ptr.dtype.element_ty), mask=e_ok)
+                dy = dy * zt * gate
+            g = carry + dy[:, None] * Ct[None, :]                              # dLoss/dh_t
+            decay = tl.exp(dt[:, None] * A)
+            g_decay_h = g * decay * h_prev
+            g_B = tl.sum(g * Bt[None, :], axis=1)                              # (BLOCK,)
+            ddt = tl.sum(g_decay_h * A, axis=1) + g_B * u
+            du = g_B * dt + Dv * dy
+            dA_sum += g_decay_h * dt[:, None]
+            dD_sum += dy * u
+            if SOFTPLUS:
+                ddt = tl.where(dt_in > SOFTPLUS_THRESHOLD, ddt, ddt * tl.sigmoid(dt_in))
+            dbias_sum += ddt
+            tl.store(du_ptr + b * sg_b + e * sg_e + t * sg_l, du.to(du_ptr.dtype.element_ty),
+                     mask=e_ok)
+            tl.store(ddt_ptr + b * sg_b + e * sg_e + t * sg_l,
+                     ddt.to(ddt_ptr.dtype.element_ty), mask=e_ok)
+            partial = dBC_ptr + ((b * blocks + block) * 2 * N + n) * L + t
+            tl.store(partial, tl.sum(g * (dt * u)[:, None], axis=0), mask=n_ok)       # dB
+            tl.store(partial + N * L, tl.sum(h * dy[:, None], axis=0), mask=n_ok)     # dC
+            carry = g * decay
+            h = h_prev
+    params = dparams_ptr + (b * E + e) * (N + 2)                              # (BLOCK,)
+    tl.store(params[:, None] + n[None, :], dA_sum, mask=e_ok[:, None] & n_ok[None, :])
+    tl.store(params + N, dD_sum, mask=e_ok)
+    tl.store(params + N + 1, dbias_sum, mask=e_ok)
 
 
 def _channels_last(b, E, L, like):
@@ -184,7 +226,8 @@ def _channels_last(b, E, L, like):
 class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, num_warps):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, num_warps,
+                segment, stages):
         b, E, L = u.shape
         N = A.shape[1]
         A, D = A.float().contiguous(), D.float().contiguous()
@@ -196,15 +239,16 @@ class _SelectiveScan(torch.autograd.Function):
             u, delta, zz, B, C, A, D, bias, y, E, L,
             *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *y.stride(),
             N=N, N_PAD=triton.next_power_of_2(N), BLOCK=block, HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=num_warps)
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), STAGES=stages,
+            num_warps=num_warps)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.options = (bool(delta_softplus), block, num_warps)
+        ctx.options = (bool(delta_softplus), block, num_warps, segment, stages)
         return y
 
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        delta_softplus, block, num_warps = ctx.options
+        delta_softplus, block, num_warps, segment, stages = ctx.options
         b, E, L = u.shape
         N = A.shape[1]
         N_PAD = triton.next_power_of_2(N)
@@ -216,30 +260,36 @@ class _SelectiveScan(torch.autograd.Function):
         du = _channels_last(b, E, L, u)
         ddelta = _channels_last(b, E, L, delta)
         dz = _channels_last(b, E, L, z) if z is not None else du     # unused without z
-        states = torch.empty(b * blocks * L * block * N_PAD, **f32)
-        dB = torch.empty(b, blocks, N, L, **f32)
-        dC = torch.empty(b, blocks, N, L, **f32)
-        dA = torch.empty(b, E, N, **f32)
-        dD = torch.empty(b, E, **f32)
-        dbias = torch.empty(b, E, **f32)
+        segment = min(segment, L)
+        slots = triton.cdiv(L, segment) + segment - 2          # per program (the kernel's doc)
+        scratch = torch.empty(b * blocks * max(slots, 1) * block * N_PAD, **f32)
+        dBC = torch.empty(b, blocks, 2, N, L, **f32)
+        dparams = torch.empty(b, E, N + 2, **f32)
         _scan_bwd_kernel[(b, blocks)](
-            u, delta, zz, B, C, A, D, bias, dout, states, du, ddelta, dz, dB, dC, dA, dD, dbias,
-            E, L,
+            u, delta, zz, B, C, A, D, bias, dout, scratch, du, ddelta, dz, dBC, dparams, E, L,
+            segment,
             *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(),
             *dout.stride(), *du.stride(),
             N=N, N_PAD=N_PAD, BLOCK=block, HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps)
-        return (du, ddelta, dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
-                dD.sum(0), dz if z is not None else None,
-                dbias.sum(0) if delta_bias is not None else None, None, None, None)
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, STAGES=stages,
+            num_warps=num_warps)
+        dB, dC = dBC.sum(1).unbind(1)
+        dA, dD, dbias = dparams.sum(0).split((N, 1, 1), dim=1)
+        return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD.squeeze(1),
+                dz if z is not None else None,
+                dbias.squeeze(1) if delta_bias is not None else None, None, None, None, None,
+                None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True,
-                          *, block=BLOCK_E, num_warps=NUM_WARPS):
+                          *, block=BLOCK_E, num_warps=NUM_WARPS, segment=SEGMENT,
+                          stages=STAGES):
     """`selective_scan_ref` as two Triton kernels (forward; backward with recomputation).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L); D, delta_bias: (E,); all on one CUDA
-    device. `block` channels per program and `num_warps` per program tune the kernels.
+    device. `block` channels per program and `num_warps` per program tune the kernels,
+    `segment` the backward pass's steps per segment (the module's doc), `stages` how many
+    steps' loads the compiler keeps in flight (1: none ahead).
     Returns y: (b, E, L) in the dtype of u (stored (b, L, E)-major).
     """
     b, E, L = u.shape
@@ -251,5 +301,7 @@ def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_s
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"selective scan: {name} must have shape {shape}, "
                              f"got {tuple(tensor.shape)}")
+    if segment < 1:
+        raise ValueError(f"selective scan: segment must be at least 1, got {segment}")
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block,
-                                num_warps)
+                                num_warps, segment, stages)

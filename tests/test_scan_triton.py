@@ -3,6 +3,8 @@
 On a GPU the compiled kernels run; without one, Triton's interpreter runs the same kernels on
 the CPU (tests/conftest.py switches it on).
 """
+import functools
+
 import pytest
 import torch
 
@@ -68,6 +70,20 @@ def test_triton_scan_matches_reference(b, E, L, N, z, bias, softplus):
         assert_close(g[name], g_ref[name], name)
 
 
+@pytest.mark.parametrize("L", [7, 12])
+def test_triton_scan_backward_matches_reference_for_every_segment_length(L):
+    """Segments of 1 step, of several (the last one shorter or not), one segment (every state
+    kept) and a segment longer than the sequence all give the reference's gradients."""
+    inputs = scan_inputs(2, 24, L, 8)
+    grad_out = torch.randn(2, 24, L, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    _, want = value_and_grads(selective_scan_ref, inputs, grad_out)
+    for segment in (1, 3, 4, L, L + 5):
+        _, got = value_and_grads(functools.partial(selective_scan_triton, segment=segment),
+                                 inputs, grad_out)
+        for name in want:
+            assert_close(got[name], want[name], f"{name}, segment {segment}")
+
+
 def test_triton_scan_large_softplus_inputs_follow_torch_threshold():
     inputs = scan_inputs(1, 8, 4, 4)
     with torch.no_grad():
@@ -96,6 +112,9 @@ def test_triton_scan_rejects_mismatched_shapes():
     inputs["C"] = inputs["C"][:, :, :4]
     with pytest.raises(ValueError, match=r"C must have shape \(2, 4, 5\)"):
         selective_scan_triton(**inputs)
+    inputs["C"] = inputs["B"]
+    with pytest.raises(ValueError, match="segment must be at least 1, got 0"):
+        selective_scan_triton(**inputs, segment=0)
 
 
 @pytest.mark.parametrize("conv", [causal_conv1d_silu_ref, causal_conv1d_silu_triton])

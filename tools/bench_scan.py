@@ -9,13 +9,15 @@ training step, so launch overhead is left out) with
 E = 512 channels (d = 256, expand 2) and N = 16 states, each implementation fed the layout its
 mixer hands it: mamba_ssm gets contiguous (b, E, L) tensors, the Triton kernel the (b, L, E)-major
 views of `MambaMixer`. S5VH's training step runs 2 * 128 = 256 rows through L = 13 (encoder,
-visible frames) and L = 25 (decoder). `--sweep` also times other channel blocks and warp counts
-of the Triton kernel at those shapes. `--conv` times the Mamba block's causal depthwise
+visible frames) and L = 25 (decoder). `--sweep` also times the Triton kernel at those shapes
+with other channel blocks, warp counts, backward segment lengths and pipeline stages (all
+combinations; segment "all" keeps every state, the backward pass before segments). `--conv` times the Mamba block's causal depthwise
 convolution and SiLU instead: PyTorch's convolution (in bf16 autocast, as the model runs it)
 against the fused Triton kernel, at the encoder's and decoder's training shapes.
 """
 import argparse
 import functools
+import itertools
 import json
 
 import torch
@@ -88,8 +90,9 @@ def time_scan(scan, inputs):
     return replay_ms(forward), replay_ms(forward_backward)
 
 
-def triton_with(block, warps):
-    return functools.partial(scan_triton.selective_scan_triton, block=block, num_warps=warps)
+def triton_with(block, warps, segment, stages):
+    return functools.partial(scan_triton.selective_scan_triton, block=block, num_warps=warps,
+                             segment=segment, stages=stages)
 
 
 # (b, E, L) of the training step's convolutions: encoder (d = 256) and decoder (d' = 192)
@@ -166,10 +169,11 @@ def main(argv=None):
         if not args.no_ref and L <= 256:
             impls["plain"] = (selective_scan_ref, "triton")
         if args.sweep and (b, L) in TRAINING_SHAPES:
-            for block in (16, 32, 64):
-                for warps in (1, 2, 4, 8):
-                    impls[f"triton block={block} warps={warps}"] = (triton_with(block, warps),
-                                                                    "triton")
+            for block, warps, segment, stages in itertools.product(
+                    (32, 64, 128), (1, 2), (3, 4, 5, 8, "all"), (1, 2, 3)):
+                steps = L if segment == "all" else segment
+                impls[f"triton block={block} warps={warps} segment={segment} stages={stages}"] \
+                    = (triton_with(block, warps, steps, stages), "triton")
         row = {"b": b, "L": L, "E": E, "N": N, "dtype": args.dtype}
         for name, (scan, layout) in impls.items():
             fwd, fwd_bwd = time_scan(scan, make_inputs(b, E, L, N, layout, dtype))
@@ -185,11 +189,26 @@ def main(argv=None):
               f"{r['cuda']['fwd_bwd_ms']:>10.3f}{r['triton']['fwd_bwd_ms']:>12.3f}"
               f"{r['triton_speedup_fwd_bwd']:>13.2f}x")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "defaults": {"block": scan_triton.BLOCK_E, "warps": scan_triton.NUM_WARPS},
+              "defaults": {"block": scan_triton.BLOCK_E, "warps": scan_triton.NUM_WARPS,
+                           "segment": scan_triton.SEGMENT, "stages": scan_triton.STAGES},
               "rows": rows}
+    if args.sweep:
+        print_sweep(rows)
     if args.out:
         write_json(args.out, report)
     return report
+
+
+def print_sweep(rows):
+    """The ten fastest settings by forward+backward time summed over the training shapes."""
+    swept = [r for r in rows if (r["b"], r["L"]) in TRAINING_SHAPES]
+    totals = {name: sum(r[name]["fwd_bwd_ms"] for r in swept)
+              for name in swept[0] if name.startswith("triton ")}
+    default = sum(r["triton"]["fwd_bwd_ms"] for r in swept)
+    print(f"\nfastest settings, forward+backward summed over L = {[r['L'] for r in swept]} "
+          f"(the default: {default:.3f} ms)")
+    for name, total in sorted(totals.items(), key=lambda item: item[1])[:10]:
+        print(f"  {total:.3f} ms  {name}")
 
 
 if __name__ == "__main__":

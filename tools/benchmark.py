@@ -24,6 +24,7 @@ frames: encoder inference time and peak memory against the frame count M for the
   and Transformer encoders of the same width and depth (the paper's Figure 1(a)).
 """
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -88,6 +89,8 @@ class StepOptions:
     bf16: bool = False
     mamba_impl: str = "cuda"    # mamba_ssm's selective scan, or 'triton' (short sequences)
     triton_conv: bool = True    # with the Triton scan: the fused Triton convolution + SiLU
+    first_scan: bool = False    # the Triton scan as first written: every state kept for the
+    #                             backward (one segment), no loads in flight ahead (one stage)
     two_streams: bool = False   # the two scan directions on two CUDA streams
     compiled: bool = False      # model and loss through torch.compile (Inductor fuses kernels)
 
@@ -97,14 +100,16 @@ LADDER = [
     ("+ resident batches, one pass, fused AdamW", StepOptions(True)),
     ("+ CUDA graph of the step", StepOptions(True, True)),
     ("+ bf16 autocast", StepOptions(True, True, True)),
-    ("+ Triton short-sequence scan", StepOptions(True, True, True, "triton", False)),
-    ("+ Triton causal convolution (the default)", StepOptions(True, True, True, "triton")),
+    ("+ Triton short-sequence scan", StepOptions(True, True, True, "triton", False, True)),
+    ("+ Triton causal convolution", StepOptions(True, True, True, "triton", first_scan=True)),
+    ("+ scan: segmented backward, pipelined loads (the default)",
+     StepOptions(True, True, True, "triton")),
     ("+ directions on two streams", StepOptions(True, True, True, "triton", two_streams=True)),
     ("default in float32 (no bf16)", StepOptions(True, True, False, "triton")),
     ("default + torch.compile of model and loss", StepOptions(True, True, True, "triton",
                                                               compiled=True)),
 ]
-DEFAULT_RUNG = "+ Triton causal convolution (the default)"
+DEFAULT_RUNG = "+ scan: segmented backward, pipelined loads (the default)"
 
 
 class PlainStep:
@@ -154,10 +159,13 @@ def make_step(opts, features, centers, labels, batch=128, nbits=64):
                      f"model.two_streams={opts.two_streams}", f"train.batch_size={batch}")
     torch.manual_seed(0)
     model = build_model(cfg, torch.device(DEVICE))
-    if not opts.triton_conv:                 # the Triton scan beside PyTorch's convolution
-        for mixer in model.modules():
-            if isinstance(mixer, MambaMixer):
-                mixer.conv = causal_conv1d_silu_ref
+    for mixer in model.modules():
+        if isinstance(mixer, MambaMixer) and not opts.triton_conv:  # beside PyTorch's conv
+            mixer.conv = causal_conv1d_silu_ref
+        if isinstance(mixer, MambaMixer) and opts.first_scan:
+            from model.scan_triton import selective_scan_triton
+            mixer.scan = functools.partial(selective_scan_triton, segment=cfg.max_frames,
+                                           stages=1)
     criterion = S5VHLoss(centers, cfg.train).to(DEVICE)
     table = LabelTable(labels, len(centers), DEVICE)
     if not opts.library_step:
