@@ -15,10 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Channels per program and warps: the fastest of 32-256 channels x 1/2/4 warps at S5VH's
-# training shapes on an H200 (`python -m tools.bench_scan --conv --sweep`).
+# Channels per program, warps per program and steps of every time loop in flight at once
+# (Triton's software pipelining of the loop's loads; 1: none ahead): the fastest of 32-256
+# channels x 1/2/4 warps x 1/2/3 stages at S5VH's training shapes on an H200
+# (`python -m tools.bench_scan --conv --sweep`).
 BLOCK_E = 128
 NUM_WARPS = 4
+STAGES = 1
 
 
 @triton.jit
@@ -47,23 +50,24 @@ def _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K: tl.c
 
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, E, L, sx_b, sx_e, sx_l, sy_b, sy_e, sy_l,
-                     K: tl.constexpr, BLOCK: tl.constexpr):
+                     K: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     e_ok = e < E
     bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-    for t in range(L):
+    for t in tl.range(L, num_stages=STAGES):
         s = _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K)
         y = s * tl.sigmoid(s)
         tl.store(y_ptr + b * sy_b + e * sy_e + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=e_ok)
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dw_ptr, dbias_ptr, E, L,
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr, E, L,
                      sx_b, sx_e, sx_l, sdy_b, sdy_e, sdy_l, sdx_b, sdx_e, sdx_l,
-                     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+                     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                     STAGES: tl.constexpr):
     """First pass: ds_t = dy_t silu'(s_t) into ds_ptr ((b, E, L) float32, contiguous), and the
-    video's partial sums of dw (b, E, K) and dbias (b, E). Second pass:
+    video's partial sums of dw and dbias, in one buffer (b, E, K + 1) for one sum. Second pass:
     dx_t = sum_k w_k ds_{t+(K-1)-k}."""
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -73,7 +77,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dw_ptr, dbi
     dw = tl.zeros((BLOCK, K_PAD), dtype=tl.float32)
     dbias = tl.zeros((BLOCK,), dtype=tl.float32)
     ds_row = ds_ptr + (b * E + e) * L
-    for t in range(L):
+    for t in tl.range(L, num_stages=STAGES):
         s = _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K)
         gate = tl.sigmoid(s)
         dy = tl.load(dy_ptr + b * sdy_b + e * sdy_e + t * sdy_l, mask=e_ok, other=0.0)
@@ -84,7 +88,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dw_ptr, dbi
             x = _input(x_ptr, b, e, t - (K - 1) + k, sx_b, sx_e, sx_l, e_ok)
             dw += tl.where(taps == k, (ds * x)[:, None], 0.0)
     tl.debug_barrier()   # the second pass reads ds other threads of the program may have written
-    for t in range(L):
+    for t in tl.range(L, num_stages=STAGES):
         dx = tl.zeros((BLOCK,), dtype=tl.float32)
         for k in tl.static_range(K):
             dst = t + (K - 1) - k
@@ -92,8 +96,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dw_ptr, dbi
             dx += _tap(w_ptr, e, e_ok, k, K) * ds
         tl.store(dx_ptr + b * sdx_b + e * sdx_e + t * sdx_l, dx.to(dx_ptr.dtype.element_ty),
                  mask=e_ok)
-    tl.store(dw_ptr + (b * E + e[:, None]) * K + taps, dw, mask=e_ok[:, None] & (taps < K))
-    tl.store(dbias_ptr + b * E + e, dbias, mask=e_ok)
+    params = dparams_ptr + (b * E + e) * (K + 1)                              # (BLOCK,)
+    tl.store(params[:, None] + taps, dw, mask=e_ok[:, None] & (taps < K))
+    tl.store(params + K, dbias, mask=e_ok)
 
 
 def _channels_last(b, E, L, like):
@@ -104,41 +109,42 @@ def _channels_last(b, E, L, like):
 class _CausalConvSiLU(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, block, num_warps):
+    def forward(ctx, x, weight, bias, block, num_warps, stages):
         b, E, L = x.shape
         weight = weight.contiguous()
         y = _channels_last(b, E, L, x)
         _conv_fwd_kernel[(b, triton.cdiv(E, block))](
             x, weight, bias, y, E, L, *x.stride(), *y.stride(), K=weight.shape[1], BLOCK=block,
-            num_warps=num_warps)
+            STAGES=stages, num_warps=num_warps)
         ctx.save_for_backward(x, weight, bias)
-        ctx.options = (block, num_warps)
+        ctx.options = (block, num_warps, stages)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        block, num_warps = ctx.options
+        block, num_warps, stages = ctx.options
         b, E, L = x.shape
         K = weight.shape[1]
         f32 = dict(device=x.device, dtype=torch.float32)
         dx = _channels_last(b, E, L, x)
         ds = torch.empty(b, E, L, **f32)
-        dw = torch.empty(b, E, K, **f32)
-        dbias = torch.empty(b, E, **f32)
+        dparams = torch.empty(b, E, K + 1, **f32)
         _conv_bwd_kernel[(b, triton.cdiv(E, block))](
-            x, weight, bias, dy, ds, dx, dw, dbias, E, L, *x.stride(), *dy.stride(),
-            *dx.stride(), K=K, K_PAD=triton.next_power_of_2(K), BLOCK=block,
+            x, weight, bias, dy, ds, dx, dparams, E, L, *x.stride(), *dy.stride(),
+            *dx.stride(), K=K, K_PAD=triton.next_power_of_2(K), BLOCK=block, STAGES=stages,
             num_warps=num_warps)
-        return dx, dw.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype), None, None
+        dw, dbias = dparams.sum(0).split((K, 1), dim=1)
+        return dx, dw.to(weight.dtype), dbias.squeeze(1).to(bias.dtype), None, None, None
 
 
-def causal_conv1d_silu_triton(x, weight, bias, *, block=BLOCK_E, num_warps=NUM_WARPS):
+def causal_conv1d_silu_triton(x, weight, bias, *, block=BLOCK_E, num_warps=NUM_WARPS,
+                              stages=STAGES):
     """`causal_conv1d_silu_ref` as two Triton kernels (forward; backward with recomputation).
 
     x: (b, E, L); weight: (E, K); bias: (E,) or None; on one CUDA device. Returns y: (b, E, L)
-    in the dtype of x, stored (b, L, E)-major. `block` channels per program and `num_warps` tune
-    the kernels.
+    in the dtype of x, stored (b, L, E)-major. `block` channels per program, `num_warps` and
+    `stages` (steps' loads in flight) tune the kernels.
     """
     E = x.shape[1]
     if bias is None:
@@ -146,4 +152,4 @@ def causal_conv1d_silu_triton(x, weight, bias, *, block=BLOCK_E, num_warps=NUM_W
     if weight.ndim != 2 or weight.shape[0] != E or tuple(bias.shape) != (E,):
         raise ValueError(f"causal conv: weight must be ({E}, K) and bias ({E},), got "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")
-    return _CausalConvSiLU.apply(x, weight, bias, block, num_warps)
+    return _CausalConvSiLU.apply(x, weight, bias, block, num_warps, stages)

@@ -126,10 +126,11 @@ def bench_conv(sweep):
     for b, E, L in CONV_SHAPES:
         impls = {"torch": causal_conv1d_silu_ref, "triton": conv_triton.causal_conv1d_silu_triton}
         if sweep:
-            for block in (32, 64, 128, 256):
-                for warps in (1, 2, 4):
-                    impls[f"triton block={block} warps={warps}"] = functools.partial(
-                        conv_triton.causal_conv1d_silu_triton, block=block, num_warps=warps)
+            for block, warps, stages in itertools.product((32, 64, 128, 256), (1, 2, 4),
+                                                          (1, 2, 3)):
+                impls[f"triton block={block} warps={warps} stages={stages}"] = functools.partial(
+                    conv_triton.causal_conv1d_silu_triton, block=block, num_warps=warps,
+                    stages=stages)
         row = {"b": b, "E": E, "L": L}
         for name, conv in impls.items():
             fwd, fwd_bwd = time_conv(conv, b, E, L)
@@ -139,7 +140,8 @@ def bench_conv(sweep):
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "defaults": {"block": conv_triton.BLOCK_E, "warps": conv_triton.NUM_WARPS},
+            "defaults": {"block": conv_triton.BLOCK_E, "warps": conv_triton.NUM_WARPS,
+                         "stages": conv_triton.STAGES},
             "rows": rows}
 
 
@@ -156,6 +158,8 @@ def main(argv=None):
         raise SystemExit("the scan benchmark needs a CUDA device")
     if args.conv:
         report = bench_conv(args.sweep)
+        if args.sweep:
+            print_sweep(report["rows"])
         if args.out:
             write_json(args.out, report)
         return report
@@ -193,15 +197,14 @@ def main(argv=None):
                            "segment": scan_triton.SEGMENT, "stages": scan_triton.STAGES},
               "rows": rows}
     if args.sweep:
-        print_sweep(rows)
+        print_sweep([r for r in rows if (r["b"], r["L"]) in TRAINING_SHAPES])
     if args.out:
         write_json(args.out, report)
     return report
 
 
-def print_sweep(rows):
-    """The ten fastest settings by forward+backward time summed over the training shapes."""
-    swept = [r for r in rows if (r["b"], r["L"]) in TRAINING_SHAPES]
+def print_sweep(swept):
+    """The ten fastest settings by forward+backward time summed over the swept rows."""
     totals = {name: sum(r[name]["fwd_bwd_ms"] for r in swept)
               for name in swept[0] if name.startswith("triton ")}
     default = sum(r["triton"]["fwd_bwd_ms"] for r in swept)
