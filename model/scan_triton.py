@@ -14,9 +14,9 @@ it walks the sequence in segments of `segment` steps, last segment first: a firs
 keeps only the state entering each segment (a checkpoint), and each segment recomputes its own
 states from its checkpoint into a small per-program scratch buffer just before its reverse
 walk. The scratch is (segments - 1) + (segment - 1) states of (channels, N) per program instead
-of L - 1: at S5VH's shapes all states of all programs (b * E * L * N floats, hundreds of MB)
-would make a round trip through the GPU's memory, a few segments' worth stays in its cache, at
-the price of computing the forward recurrence twice. Work and memory are linear in L; the
+of L - 1 (at S5VH's shapes every state of every program is b * E * L * N floats, hundreds of
+MB, written and read back once), at the price of computing the forward recurrence twice; on the
+H200 that is faster (README, "GPU speed"). Work and memory are linear in L; the
 programs are sequential in L, so very long sequences with few channels are better served by
 mamba_ssm's chunked kernel (`model.mamba_impl='cuda'`).
 
