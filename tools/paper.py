@@ -21,6 +21,7 @@ import collections
 import itertools
 import os
 import statistics
+import time
 
 import numpy as np
 
@@ -831,7 +832,12 @@ def run_together(names, args):
                                 f"configs")
             runs[run] = cfg
     experiments[names[0]].train(runs)
-    return {name: run_experiment(name, exp, args) for name, exp in experiments.items()}
+    outputs = {}
+    for name, exp in experiments.items():     # the runs are trained: what remains is the reports
+        began = time.perf_counter()
+        outputs[name] = run_experiment(name, exp, args)
+        logger.info(f"{name}: outputs written in {time.perf_counter() - began:.1f}s")
+    return outputs
 
 
 def main(argv=None):
