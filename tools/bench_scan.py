@@ -11,9 +11,10 @@ mixer hands it: mamba_ssm gets contiguous (b, E, L) tensors, the Triton kernel t
 views of `MambaMixer`. S5VH's training step runs 2 * 128 = 256 rows through L = 13 (encoder,
 visible frames) and L = 25 (decoder). `--sweep` also times the Triton kernel at those shapes
 with other channel blocks, warp counts, backward segment lengths and pipeline stages (all
-combinations; segment "all" keeps every state, the backward pass before segments). `--conv` times the Mamba block's causal depthwise
-convolution and SiLU instead: PyTorch's convolution (in bf16 autocast, as the model runs it)
-against the fused Triton kernel, at the encoder's and decoder's training shapes.
+combinations; segment "all" keeps every state, the backward pass before segments). `--conv`
+times the Mamba block's causal depthwise convolution and SiLU instead: PyTorch's convolution
+(in bf16 autocast, as the model runs it) against the fused Triton kernel, at the encoder's and
+decoder's training shapes.
 """
 import argparse
 import functools

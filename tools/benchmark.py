@@ -159,10 +159,10 @@ def make_step(opts, features, centers, labels, batch=128, nbits=64):
                      f"model.two_streams={opts.two_streams}", f"train.batch_size={batch}")
     torch.manual_seed(0)
     model = build_model(cfg, torch.device(DEVICE))
-    for mixer in model.modules():
-        if isinstance(mixer, MambaMixer) and not opts.triton_conv:  # beside PyTorch's conv
+    for mixer in (m for m in model.modules() if isinstance(m, MambaMixer)):
+        if not opts.triton_conv:                 # the Triton scan beside PyTorch's convolution
             mixer.conv = causal_conv1d_silu_ref
-        if isinstance(mixer, MambaMixer) and opts.first_scan:
+        if opts.first_scan:
             from model.scan_triton import selective_scan_triton
             mixer.scan = functools.partial(selective_scan_triton, segment=cfg.max_frames,
                                            stages=1)
