@@ -35,6 +35,34 @@ def test_row_subsets_in_any_order_and_chunks(tmp_path):
     assert np.array_equal(got, data)
 
 
+@pytest.mark.parametrize("chunks", [None, (1, 2, 3), (3, 2, 3), (8, 2, 3), (32, 2, 3)])
+def test_row_lists_read_each_storage_chunk_once_in_any_order(tmp_path, monkeypatch, chunks):
+    data = np.random.default_rng(1).random((40, 2, 3)).astype(np.float16)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("feats", data=data, chunks=chunks, compression="gzip" if chunks else None)
+    monkeypatch.setattr("dataset.io.SPAN_ROWS", 6)     # spans split at this file's scale
+    rows = np.array([39, 0, 1, 2, 5, 6, 17, 16, 30, 31, 32, 33, 34, 35, 36, 5, 38])
+    with FeatureFile(str(tmp_path / "f.h5")) as f:
+        stored, slices = f._data, []
+
+        class Recorder:          # the dataset, noting which rows each read covers
+            chunks, dtype = stored.chunks, stored.dtype
+
+            def __getitem__(self, where):
+                slices.append(where)
+                return stored[where]
+        f._data = Recorder()
+        assert np.array_equal(f.read(rows, dtype=None), data[rows])
+        covered = [row for where in slices for row in range(where.start, where.stop)]
+        assert len(covered) == len(set(covered))                  # no row read twice
+        per_chunk = chunks[0] if chunks else 1
+        assert all(where.stop - where.start <= max(6, per_chunk) for where in slices)
+        f._data = stored
+        assert np.array_equal(f.read(rows), data[rows].astype(np.float32))
+        assert f.read(np.array([], dtype=int)).shape == (0, 2, 3)
+        assert np.array_equal(f.read(np.arange(40)[::-1]), data[::-1].astype(np.float32))
+
+
 @pytest.mark.parametrize("make, kwargs, message", [
     (lambda p: None, {}, "feature file not found"),
     (lambda p: _feats(p, key="x"), {}, r"no dataset 'feats' \(keys present: \['x'\]\)"),
