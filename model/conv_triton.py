@@ -67,7 +67,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr
                      K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      STAGES: tl.constexpr):
     """First pass: ds_t = dy_t silu'(s_t) into ds_ptr ((b, E, L) float32, contiguous), and the
-    video's partial sums of dw and dbias, in one buffer (b, E, K + 1) for one sum. Second pass:
+    video's partial sums of dw and dbias, in one buffer (b, E K + E) for one sum whose dw
+    (E, K) and dbias (E,) are contiguous slices (a strided gradient would be copied by autograd). Second pass:
     dx_t = sum_k w_k ds_{t+(K-1)-k}."""
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -96,9 +97,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr
             dx += _tap(w_ptr, e, e_ok, k, K) * ds
         tl.store(dx_ptr + b * sdx_b + e * sdx_e + t * sdx_l, dx.to(dx_ptr.dtype.element_ty),
                  mask=e_ok)
-    params = dparams_ptr + (b * E + e) * (K + 1)                              # (BLOCK,)
-    tl.store(params[:, None] + taps, dw, mask=e_ok[:, None] & (taps < K))
-    tl.store(params + K, dbias, mask=e_ok)
+    params = dparams_ptr + b * (E * K + E)                    # this video's dw (E, K), dbias
+    tl.store(params + e[:, None] * K + taps, dw, mask=e_ok[:, None] & (taps < K))
+    tl.store(params + E * K + e, dbias, mask=e_ok)
 
 
 def _channels_last(b, E, L, like):
@@ -129,13 +130,13 @@ class _CausalConvSiLU(torch.autograd.Function):
         f32 = dict(device=x.device, dtype=torch.float32)
         dx = _channels_last(b, E, L, x)
         ds = torch.empty(b, E, L, **f32)
-        dparams = torch.empty(b, E, K + 1, **f32)
+        dparams = torch.empty(b, E * K + E, **f32)
         _conv_bwd_kernel[(b, triton.cdiv(E, block))](
             x, weight, bias, dy, ds, dx, dparams, E, L, *x.stride(), *dy.stride(),
             *dx.stride(), K=K, K_PAD=triton.next_power_of_2(K), BLOCK=block, STAGES=stages,
             num_warps=num_warps)
-        dw, dbias = dparams.sum(0).split((K, 1), dim=1)
-        return dx, dw.to(weight.dtype), dbias.squeeze(1).to(bias.dtype), None, None, None
+        dw, dbias = dparams.sum(0).split((E * K, E))
+        return dx, dw.view(E, K).to(weight.dtype), dbias.to(bias.dtype), None, None, None
 
 
 def causal_conv1d_silu_triton(x, weight, bias, *, block=BLOCK_E, num_warps=NUM_WARPS,

@@ -53,6 +53,8 @@ def test_triton_conv_matches_reference(b, E, L, K):
     for name, got, want in zip(("x", "weight", "bias"), g, g_ref):
         assert got.shape == want.shape, name
         assert_close(got, want, name)
+    # the parameters' gradients are contiguous: autograd would copy strided ones
+    assert g[1].is_contiguous() and g[2].is_contiguous()
 
 
 def test_triton_conv_keeps_bf16_inputs_and_computes_in_float32():
