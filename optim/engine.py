@@ -134,7 +134,8 @@ class TrainStep:
     require, and no tensor of a step is ever used on another stream than the one it was made on.
     """
 
-    EAGER_STEPS_BEFORE_CAPTURE = 3
+    # one sets everything up; more only cost start-up time (each is an eager step)
+    EAGER_STEPS_BEFORE_CAPTURE = 1
 
     def __init__(self, model, criterion, optimizer, features, label_table, batch_size,
                  amp=False, cuda_graphs=False, shard=None, train_model=None):
@@ -170,7 +171,7 @@ class TrainStep:
 
     def capture_graphs(self, examples):
         """Capture the graph of each step in `examples`, [(StepInputs, smoothing_beta)], one per
-        (phase, batch size), before training. A few eager steps of each come first (cuBLAS, the
+        (phase, batch size), before training. An eager step of each comes first (cuBLAS, the
         Triton kernels and the optimizer's state are set up lazily, and not during a capture);
         then every tensor a step changes is put back as it was, so that those steps leave no
         trace. Every step of the run is then a replay, and a resumed run replays exactly what an
