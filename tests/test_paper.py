@@ -244,3 +244,25 @@ def test_together_trains_every_run_in_one_group_and_writes_what_each_command_wou
     for name in ("main", "ablation", "convergence"):
         assert (root / "together" / f"{name}.md").read_text().split("\n", 1)[1] == \
             (root / "out" / f"{name}.md").read_text().split("\n", 1)[1]
+
+
+def test_together_trains_the_timed_experiments_first_one_run_at_a_time(root, caplog):
+    """`together backbones main`: the backbones' runs train one at a time, each finished before
+    the next is set up and all before the main table's run is, and their table is the one the
+    separate command writes (but for the seconds per epoch)."""
+    caplog.clear()
+    together = paper.main(["together", "backbones", "main", "--config", DEMO_CONFIG, "--out",
+                           str(root / "timed"), "--bits", "16", "--seeds", "1",
+                           "--cfg-options", f"data_root={str(root)!r}", *TINY,
+                           "train.num_epochs=2"])
+    lines = [line for line in caplog.text.splitlines() if "set-up:" in line or "finished:" in line]
+    names = [f"{mixer}_16bits_seed1" for mixer in paper.BACKBONES] + ["s5vh_16bits_seed1"]
+    # a run trained by itself has no name before its lines: the main table's one
+    order = [(next((n for n in names if n in line), names[-1]), "set-up:" in line)
+             for line in lines]
+    assert order == [(name, first) for name in names for first in (True, False)]
+    separate = call(root, "backbones", "--bits", "16")
+    strip = [{k: v for k, v in row.items() if k != "seconds_per_epoch"} for row in separate]
+    assert [{k: v for k, v in row.items() if k != "seconds_per_epoch"}
+            for row in together["backbones"]] == strip
+    assert (root / "timed" / "main.md").exists() and (root / "timed" / "backbones.md").exists()

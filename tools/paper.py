@@ -82,9 +82,10 @@ ABLATIONS = [
 ]
 BACKBONES = ("mamba", "lstm", "attention", "retention", "rwkv")
 TSNE_CLASSES = 10
-# the experiments `together` can train at once (backbones times each of its runs alone; transfer
-# reads two data sets)
-TOGETHER = ("main", "ablation", "convergence", "sweep", "curves", "tsne")
+# the experiments `together` can train at once (transfer reads two data sets); of them, those
+# that time each run train their runs first, one at a time, in the same process
+TOGETHER = ("main", "ablation", "convergence", "sweep", "curves", "tsne", "backbones")
+TIMED_ALONE = ("backbones",)
 
 
 class Experiment:
@@ -714,7 +715,8 @@ EXPERIMENTS = {
                  + ", ".join(TOGETHER) + ") together in one process, a run two of them share "
                  "once, then writes each experiment's outputs as its own command would. Runs "
                  "in one process overlap their kernels on the GPU, where separate processes "
-                 "take turns. `backbones` is not among them: it times each run alone."),
+                 "take turns. `backbones`, which times each of its runs, trains them first, "
+                 "one at a time, and writes its outputs before the others train."),
 }
 
 
@@ -820,10 +822,19 @@ def run_experiment(name, exp, args):
 
 
 def run_together(names, args):
-    """Every run of the experiments `names` trained in one group, then each one's outputs;
+    """The runs of the experiments `names` that time each run (TIMED_ALONE) one at a time, each
+    such experiment's outputs, then every other run in one group and each other experiment's
+    outputs; all in this process, which starts, imports and reads the features once.
     {experiment: what it returns}."""
     experiments = {name: Experiment(name, args.config, args.cfg_options, args.out,
                                     args.concurrent, not args.no_progress) for name in names}
+    outputs = {}
+    for name in [name for name in names if name in TIMED_ALONE]:
+        began = time.perf_counter()
+        outputs[name] = run_experiment(name, experiments.pop(name), args)
+        logger.info(f"{name}: trained and written in {time.perf_counter() - began:.1f}s")
+    if not experiments:
+        return outputs
     runs = {}
     for name, exp in experiments.items():
         for run, cfg in planned_runs(name, exp, args).items():
@@ -831,8 +842,9 @@ def run_together(names, args):
                 raise UserError(f"two experiments train a run named {run} with different "
                                 f"configs")
             runs[run] = cfg
-    experiments[names[0]].train(runs)
-    outputs = {}
+    began = time.perf_counter()
+    next(iter(experiments.values())).train(runs)
+    logger.info(f"{len(runs)} runs trained together in {time.perf_counter() - began:.1f}s")
     for name, exp in experiments.items():     # the runs are trained: what remains is the reports
         began = time.perf_counter()
         outputs[name] = run_experiment(name, exp, args)
