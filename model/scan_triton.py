@@ -126,8 +126,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     du, ddt, dz are written with the strides sg_* (one layout for the three). The reductions are
     partial sums the caller adds up, each kind in one buffer so that one sum adds it: over
     channels dB and dC as dBC (b, blocks, 2, N, L), over videos dA, dD and dbias as dparams
-    (b, E N + 2 E), each video's row dA (E, N) then dD (E,) then dbias (E,), so that each sum
-    is a contiguous slice (a strided gradient would be copied by autograd). The program's scratch holds (segments - 1) checkpoints,
+    (b, E, N + 2). The program's scratch holds (segments - 1) checkpoints,
     slot s - 1 the state h_{s SEG - 1} entering segment s, then SEG - 1 states of the segment
     being walked.
     """
@@ -213,10 +212,10 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
             tl.store(partial + N * L, tl.sum(h * dy[:, None], axis=0), mask=n_ok)     # dC
             carry = g * decay
             h = h_prev
-    params = dparams_ptr + b * (E * N + 2 * E)           # this video's dA (E, N), dD, dbias
-    tl.store(params + e[:, None] * N + n[None, :], dA_sum, mask=e_ok[:, None] & n_ok[None, :])
-    tl.store(params + E * N + e, dD_sum, mask=e_ok)
-    tl.store(params + E * N + E + e, dbias_sum, mask=e_ok)
+    params = dparams_ptr + (b * E + e) * (N + 2)                              # (BLOCK,)
+    tl.store(params[:, None] + n[None, :], dA_sum, mask=e_ok[:, None] & n_ok[None, :])
+    tl.store(params + N, dD_sum, mask=e_ok)
+    tl.store(params + N + 1, dbias_sum, mask=e_ok)
 
 
 def _channels_last(b, E, L, like):
@@ -265,7 +264,7 @@ class _SelectiveScan(torch.autograd.Function):
         slots = triton.cdiv(L, segment) + segment - 2          # per program (the kernel's doc)
         scratch = torch.empty(b * blocks * max(slots, 1) * block * N_PAD, **f32)
         dBC = torch.empty(b, blocks, 2, N, L, **f32)
-        dparams = torch.empty(b, E * N + 2 * E, **f32)
+        dparams = torch.empty(b, E, N + 2, **f32)
         _scan_bwd_kernel[(b, blocks)](
             u, delta, zz, B, C, A, D, bias, dout, scratch, du, ddelta, dz, dBC, dparams, E, L,
             segment,
@@ -275,10 +274,11 @@ class _SelectiveScan(torch.autograd.Function):
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, STAGES=stages,
             num_warps=num_warps)
         dB, dC = dBC.sum(1).unbind(1)
-        dA, dD, dbias = dparams.sum(0).split((E * N, E, E))
-        return (du, ddelta, dA.view(E, N), dB.to(B.dtype), dC.to(C.dtype), dD,
-                dz if z is not None else None, dbias if delta_bias is not None else None,
-                None, None, None, None, None)
+        dA, dD, dbias = dparams.sum(0).split((N, 1, 1), dim=1)
+        return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD.squeeze(1),
+                dz if z is not None else None,
+                dbias.squeeze(1) if delta_bias is not None else None, None, None, None, None,
+                None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True,

@@ -68,8 +68,6 @@ def test_triton_scan_matches_reference(b, E, L, N, z, bias, softplus):
     for name in g_ref:
         assert g[name].shape == g_ref[name].shape, name
         assert_close(g[name], g_ref[name], name)
-    # the parameters' gradients are contiguous: autograd would copy strided ones
-    assert all(g[name].is_contiguous() for name in ("A", "D", "delta_bias") if name in g)
 
 
 @pytest.mark.parametrize("L", [7, 12])
