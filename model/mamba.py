@@ -235,7 +235,9 @@ class MambaMixer(nn.Module):
         return self._block(hidden)
 
     def _block(self, hidden):
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)          # (b, E, L) each
+        # split before transposing: the gradients of x and z then join into the (b, L, 2E)
+        # layout in_proj's backward multiplies with, not into one it has to copy first
+        x, z = (part.transpose(1, 2) for part in self.in_proj(hidden).chunk(2, dim=-1))
         x = self.conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias)    # (b, E, L)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)              # (b, L, .)
