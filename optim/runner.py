@@ -44,7 +44,8 @@ from utils.checkpoint import (RESUME_SPEC, CheckpointError, CheckpointWriter, ho
 from utils.config import config_fingerprint, plain_config, same_experiment
 from utils.device import resolve_device, return_freed_host_memory
 from utils.errors import Interrupted, UserError
-from utils.fileio import dir_lock, json_text, remove_stale_temporaries, write_json
+from utils.fileio import (dir_lock, file_identity, json_text, remove_stale_temporaries,
+                          write_json)
 from utils.log import get_logger, log_to_file
 from utils.seed import seed_everything
 from utils.signals import deferred_stop
@@ -143,9 +144,10 @@ class Run:
 
 
 def _resident_features(videos, cfg, device, shared, dtype):
-    """The (n, M, D) features of `videos` on `device` in `dtype`, one copy per file, rows and
-    dtype for all the runs that share `shared`."""
-    key = (os.path.realpath(videos.path), videos.key, videos.rows.tobytes(), dtype, str(device))
+    """The (n, M, D) features of `videos` on `device` in `dtype`, one copy per file version,
+    rows and dtype for all the runs that share `shared` (a file changed since is read again)."""
+    key = (os.path.realpath(videos.path), tuple(file_identity(videos.path)), videos.key,
+           videos.rows.tobytes(), dtype, str(device))
     if key not in shared:
         shared[key] = videos.load_resident(cfg, device, dtype, cfg.preprocess.chunk_videos)
     return shared[key]
@@ -687,17 +689,19 @@ def _train_group(jobs, writer, progress, several, shared, shard=None):
     return results
 
 
-def train_runs(jobs, progress=True, concurrent=None, shard=None):
+def train_runs(jobs, progress=True, concurrent=None, shard=None, shared=None):
     """Train `jobs` (a list of Job), `concurrent` at a time (default: all together); returns
     their results in the same order. Every run directory is opened and checked before any
     run is set up. With `shard`, this process is one of several that train one job together
-    (optim.distributed); only the first returns its results, the others None."""
+    (optim.distributed); only the first returns its results, the others None. `shared`: a
+    dict of resident features kept from earlier calls (and for later ones), else one for this
+    call's groups."""
     if shard is not None and len(jobs) != 1:
         raise ShardError(f"several processes train one run together; {len(jobs)} runs were "
                          f"asked for (give one code length and one seed)")
     concurrent = concurrent or len(jobs)
     results = {}
-    shared = {}            # resident features, loaded once for all the groups
+    shared = {} if shared is None else shared      # resident features, loaded once
     writer = CheckpointWriter()
     try:
         for start in range(0, len(jobs), concurrent):

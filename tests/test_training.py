@@ -437,3 +437,18 @@ def test_runs_trained_one_group_after_another_load_the_features_once(tmp_path):
     with mock.patch.object(VideoSet, "load_resident", load_resident):
         runner.train_runs(jobs, progress=False, concurrent=1)
     assert sorted(loads) == ["demo_test_feats.h5", "demo_train_feats.h5"]
+
+
+def test_resident_features_kept_across_calls_follow_their_file(tmp_path):
+    """Features kept for later trainings (train_runs' `shared`) are reused while their file is
+    unchanged and read again once it is replaced."""
+    from dataset.protocol import train_set
+    make_tiny_demo(str(tmp_path))
+    cfg = tiny_run_config(tmp_path)
+    shared = {}
+    first = runner._resident_features(train_set(cfg), cfg, "cpu", shared, torch.float32)
+    assert runner._resident_features(train_set(cfg), cfg, "cpu", shared, torch.float32) is first
+    make_tiny_demo(str(tmp_path), seed=5)                   # the same files, other videos
+    again = runner._resident_features(train_set(cfg), cfg, "cpu", shared, torch.float32)
+    assert not torch.equal(again, first)
+    assert torch.equal(again, torch.from_numpy(train_set(cfg).load(cfg)))

@@ -98,6 +98,7 @@ class Experiment:
         self.out = out or os.path.join("work_dirs", "paper", self.dataset)
         self.device = resolve_device(base.train.device)
         self.concurrent, self.progress = concurrent, progress
+        self.shared = None      # resident features kept across its trainings (run_together)
 
     def cfg(self, *overrides, config=None):
         return build_config(config or self.config, [*self.options, *overrides])
@@ -112,7 +113,8 @@ class Experiment:
         for name in runs:
             logger.info(f"== {self.name}: {name} -> {self.run_dir(name)}")
         jobs = [plan_run(cfg, self.run_dir(name)) for name, cfg in runs.items()]
-        results = train_runs(jobs, self.progress, concurrent or self.concurrent)
+        results = train_runs(jobs, self.progress, concurrent or self.concurrent,
+                             shared=self.shared)
         return dict(zip(runs, results))
 
     def run_dir(self, name):
@@ -828,6 +830,9 @@ def run_together(names, args):
     {experiment: what it returns}."""
     experiments = {name: Experiment(name, args.config, args.cfg_options, args.out,
                                     args.concurrent, not args.no_progress) for name in names}
+    shared = {}             # the features are read and moved to the device once
+    for exp in experiments.values():
+        exp.shared = shared
     outputs = {}
     for name in [name for name in names if name in TIMED_ALONE]:
         began = time.perf_counter()
