@@ -67,9 +67,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr
                      K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      STAGES: tl.constexpr):
     """First pass: ds_t = dy_t silu'(s_t) into ds_ptr ((b, E, L) float32, contiguous), and the
-    video's partial sums of dw and dbias, in one buffer (b, E K + E) for one sum whose dw
-    (E, K) and dbias (E,) are contiguous slices (a strided gradient would be copied by autograd). Second pass:
-    dx_t = sum_k w_k ds_{t+(K-1)-k}."""
+    video's partial sums of dw and dbias, in one buffer (b, E K + E) for one sum whose dw (E, K)
+    and dbias (E,) are contiguous slices (a strided gradient would be copied by autograd).
+    Second pass: dx_t = sum_k w_k ds_{t+(K-1)-k}."""
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     e_ok = e < E
