@@ -31,46 +31,59 @@ def _tap(w_ptr, e, e_ok, k, K: tl.constexpr):
 
 
 @triton.jit
-def _input(x_ptr, b, e, src, sx_b, sx_e, sx_l, e_ok):
-    """x at step `src` (0 before the first step) of a block of channels: (BLOCK,) float32."""
-    steps = e * 0 + src                      # the step as a vector: masks are per element
-    return tl.load(x_ptr + b * sx_b + e * sx_e + src * sx_l, mask=e_ok & (steps >= 0),
-                   other=0.0).to(tl.float32)
+def _stored_step(t, pair, L):
+    """Where step t is stored: t, or L - 1 - t in a pair's time-reversed half."""
+    return t + pair * (L - 1 - 2 * t)
 
 
 @triton.jit
-def _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K: tl.constexpr):
+def _input(x_ptr, b, e, src, pair, L, sx_b, sx_e, sx_l, e_ok):
+    """x at step `src` (0 before the first step) of a block of channels: (BLOCK,) float32."""
+    steps = e * 0 + src                      # the step as a vector: masks are per element
+    return tl.load(x_ptr + b * sx_b + e * sx_e + _stored_step(src, pair, L) * sx_l,
+                   mask=e_ok & (steps >= 0), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre_activation(x_ptr, w_ptr, bias, b, e, t, pair, L, sx_b, sx_e, sx_l, e_ok,
+                    K: tl.constexpr):
     """s_t = bias + sum_k w_k x_{t-(K-1)+k} of a block of channels: (BLOCK,) float32."""
     s = bias
     for k in tl.static_range(K):
-        s += _tap(w_ptr, e, e_ok, k, K) * _input(x_ptr, b, e, t - (K - 1) + k, sx_b, sx_e, sx_l,
-                                                  e_ok)
+        s += _tap(w_ptr, e, e_ok, k, K) * _input(x_ptr, b, e, t - (K - 1) + k, pair, L, sx_b,
+                                                  sx_e, sx_l, e_ok)
     return s
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, E, L, sx_b, sx_e, sx_l, sy_b, sy_e, sy_l,
-                     K: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, E, L, ROWS_PER_PAIR, sx_b, sx_e, sx_l,
+                     sy_b, sy_e, sy_l, K: tl.constexpr, BLOCK: tl.constexpr,
+                     STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
+    pair = b // ROWS_PER_PAIR              # 0, or 1 in a pair's time-reversed half
+    w_ptr, bias_ptr = w_ptr + pair * E * K, bias_ptr + pair * E
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     e_ok = e < E
     bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     for t in tl.range(L, num_stages=STAGES):
-        s = _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K)
+        s = _pre_activation(x_ptr, w_ptr, bias, b, e, t, pair, L, sx_b, sx_e, sx_l, e_ok, K)
         y = s * tl.sigmoid(s)
-        tl.store(y_ptr + b * sy_b + e * sy_e + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=e_ok)
+        tl.store(y_ptr + b * sy_b + e * sy_e + _stored_step(t, pair, L) * sy_l,
+                 y.to(y_ptr.dtype.element_ty), mask=e_ok)
 
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr, E, L,
-                     sx_b, sx_e, sx_l, sdy_b, sdy_e, sdy_l, sdx_b, sdx_e, sdx_l,
+                     ROWS_PER_PAIR, sx_b, sx_e, sx_l, sdy_b, sdy_e, sdy_l, sdx_b, sdx_e, sdx_l,
                      K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      STAGES: tl.constexpr):
     """First pass: ds_t = dy_t silu'(s_t) into ds_ptr ((b, E, L) float32, contiguous), and the
     video's partial sums of dw and dbias, in one buffer (b, E K + E) for one sum whose dw (E, K)
     and dbias (E,) are contiguous slices (a strided gradient would be copied by autograd).
-    Second pass: dx_t = sum_k w_k ds_{t+(K-1)-k}."""
+    Second pass: dx_t = sum_k w_k ds_{t+(K-1)-k}. ds is kept in the pass's time order."""
     b = tl.program_id(0).to(tl.int64)
+    pair = b // ROWS_PER_PAIR
+    w_ptr, bias_ptr = w_ptr + pair * E * K, bias_ptr + pair * E
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     e_ok = e < E
     taps = tl.arange(0, K_PAD)[None, :]                                        # (1, K_PAD)
@@ -79,14 +92,15 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr
     dbias = tl.zeros((BLOCK,), dtype=tl.float32)
     ds_row = ds_ptr + (b * E + e) * L
     for t in tl.range(L, num_stages=STAGES):
-        s = _pre_activation(x_ptr, w_ptr, bias, b, e, t, sx_b, sx_e, sx_l, e_ok, K)
+        s = _pre_activation(x_ptr, w_ptr, bias, b, e, t, pair, L, sx_b, sx_e, sx_l, e_ok, K)
         gate = tl.sigmoid(s)
-        dy = tl.load(dy_ptr + b * sdy_b + e * sdy_e + t * sdy_l, mask=e_ok, other=0.0)
+        dy = tl.load(dy_ptr + b * sdy_b + e * sdy_e + _stored_step(t, pair, L) * sdy_l,
+                     mask=e_ok, other=0.0)
         ds = dy.to(tl.float32) * gate * (1.0 + s * (1.0 - gate))
         tl.store(ds_row + t, ds, mask=e_ok)
         dbias += ds
         for k in tl.static_range(K):
-            x = _input(x_ptr, b, e, t - (K - 1) + k, sx_b, sx_e, sx_l, e_ok)
+            x = _input(x_ptr, b, e, t - (K - 1) + k, pair, L, sx_b, sx_e, sx_l, e_ok)
             dw += tl.where(taps == k, (ds * x)[:, None], 0.0)
     tl.debug_barrier()   # the second pass reads ds other threads of the program may have written
     for t in tl.range(L, num_stages=STAGES):
@@ -95,11 +109,16 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr
             dst = t + (K - 1) - k
             ds = tl.load(ds_row + dst, mask=e_ok & (e * 0 + dst < L), other=0.0)
             dx += _tap(w_ptr, e, e_ok, k, K) * ds
-        tl.store(dx_ptr + b * sdx_b + e * sdx_e + t * sdx_l, dx.to(dx_ptr.dtype.element_ty),
-                 mask=e_ok)
+        tl.store(dx_ptr + b * sdx_b + e * sdx_e + _stored_step(t, pair, L) * sdx_l,
+                 dx.to(dx_ptr.dtype.element_ty), mask=e_ok)
     params = dparams_ptr + b * (E * K + E)                    # this video's dw (E, K), dbias
     tl.store(params + e[:, None] * K + taps, dw, mask=e_ok[:, None] & (taps < K))
     tl.store(params + E * K + e, dbias, mask=e_ok)
+
+
+def _rows_per_pair(b, weight):
+    """Rows of each direction: b when weight is (E, K), b / 2 when it is a pair's (2, E, K)."""
+    return b // 2 if weight.ndim == 3 else b
 
 
 def _channels_last(b, E, L, like):
@@ -112,11 +131,11 @@ class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, block, num_warps, stages):
         b, E, L = x.shape
-        weight = weight.contiguous()
+        weight, bias = weight.contiguous(), bias.contiguous()
         y = _channels_last(b, E, L, x)
         _conv_fwd_kernel[(b, triton.cdiv(E, block))](
-            x, weight, bias, y, E, L, *x.stride(), *y.stride(), K=weight.shape[1], BLOCK=block,
-            STAGES=stages, num_warps=num_warps)
+            x, weight, bias, y, E, L, _rows_per_pair(b, weight), *x.stride(), *y.stride(),
+            K=weight.shape[-1], BLOCK=block, STAGES=stages, num_warps=num_warps)
         ctx.save_for_backward(x, weight, bias)
         ctx.options = (block, num_warps, stages)
         return y
@@ -126,31 +145,43 @@ class _CausalConvSiLU(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         block, num_warps, stages = ctx.options
         b, E, L = x.shape
-        K = weight.shape[1]
+        K = weight.shape[-1]
         f32 = dict(device=x.device, dtype=torch.float32)
         dx = _channels_last(b, E, L, x)
         ds = torch.empty(b, E, L, **f32)
         dparams = torch.empty(b, E * K + E, **f32)
         _conv_bwd_kernel[(b, triton.cdiv(E, block))](
-            x, weight, bias, dy, ds, dx, dparams, E, L, *x.stride(), *dy.stride(),
+            x, weight, bias, dy, ds, dx, dparams, E, L, _rows_per_pair(b, weight), *x.stride(), *dy.stride(),
             *dx.stride(), K=K, K_PAD=triton.next_power_of_2(K), BLOCK=block, STAGES=stages,
             num_warps=num_warps)
-        dw, dbias = dparams.sum(0).split((E * K, E))
-        return dx, dw.view(E, K).to(weight.dtype), dbias.to(bias.dtype), None, None, None
+        # one sum per direction: (directions, b / directions, E K + E) -> (directions, E K + E)
+        directions = weight.shape[0] if weight.ndim == 3 else 1
+        sums = dparams.view(directions, b // directions, E * K + E).sum(1)
+        dw, dbias = sums.view(weight.shape[:-2] + (E * K + E,)).split((E * K, E), dim=-1)
+        return (dx, dw.view(weight.shape).to(weight.dtype), dbias.to(bias.dtype), None, None,
+                None)
 
 
 def causal_conv1d_silu_triton(x, weight, bias, *, block=BLOCK_E, num_warps=NUM_WARPS,
                               stages=STAGES):
     """`causal_conv1d_silu_ref` as two Triton kernels (forward; backward with recomputation).
 
-    x: (b, E, L); weight: (E, K); bias: (E,) or None; on one CUDA device. Returns y: (b, E, L)
-    in the dtype of x, stored (b, L, E)-major. `block` channels per program, `num_warps` and
-    `stages` (steps' loads in flight) tune the kernels.
+    x: (b, E, L); weight: (E, K); bias: (E,) or None; on one CUDA device. A pair of directions
+    (`causal_conv1d_silu_ref`'s doc) has weight: (2, E, K) and bias: (2, E) or None; its
+    time-reversed rows are read and written in place, not flipped. Returns y: (b, E, L) in the
+    dtype of x, stored (b, L, E)-major. `block` channels per program, `num_warps` and `stages`
+    (steps' loads in flight) tune the kernels.
     """
-    E = x.shape[1]
+    b, E = x.shape[:2]
+    sets = weight.shape[:-2]
     if bias is None:
-        bias = weight.new_zeros(E)
-    if weight.ndim != 2 or weight.shape[0] != E or tuple(bias.shape) != (E,):
-        raise ValueError(f"causal conv: weight must be ({E}, K) and bias ({E},), got "
-                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+        bias = weight.new_zeros(sets + (E,))
+    if weight.ndim not in (2, 3) or sets not in ((), (2,)) or weight.shape[-2] != E or \
+            bias.shape != sets + (E,):
+        raise ValueError(f"causal conv: weight must be ({E}, K) and bias ({E},), or (2, {E}, K) "
+                         f"and (2, {E}) for a pair, got {tuple(weight.shape)} and "
+                         f"{tuple(bias.shape)}")
+    if sets and b % 2:
+        raise ValueError(f"causal conv: a pair of directions needs an even number of rows, "
+                         f"got {b}")
     return _CausalConvSiLU.apply(x, weight, bias, block, num_warps, stages)

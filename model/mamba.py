@@ -50,6 +50,10 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
         h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = <C_t, h_t> + D u_t.
     Computed in float32 (float64 when u is float64); returns y: (b, E, L) in the dtype of u.
     Autograd differentiates the loop, keeping two (b, E, N) tensors per step for the backward pass.
+
+    A pair of directions is one call with A: (2, E, N), D, delta_bias: (2, E): rows [0, b/2)
+    are scanned forward in time with parameter set 0, rows [b/2, b) backward in time (from
+    step L - 1 to 0) with set 1; y keeps the time order of the inputs.
     """
     return _selective_scan(_recurrence, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
@@ -66,6 +70,11 @@ def selective_scan_recompute(u, delta, A, B, C, D, z=None, delta_bias=None,
 
 
 def _selective_scan(recurrence, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    if A.ndim == 3:   # a pair of directions (selective_scan_ref's doc)
+        y = [_selective_scan(recurrence, _direction(u, i), _direction(delta, i), A[i],
+                             _direction(B, i), _direction(C, i), D[i], _direction(z, i),
+                             _direction_param(delta_bias, i), delta_softplus) for i in (0, 1)]
+        return torch.cat([y[0], y[1].flip(-1)])
     dtype = u.dtype
     compute = torch.promote_types(dtype, torch.float32)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
@@ -77,6 +86,19 @@ def _selective_scan(recurrence, u, delta, A, B, C, D, z, delta_bias, delta_softp
     if z is not None:
         y = y * F.silu(z.to(compute))
     return y.to(dtype)
+
+
+def _direction(rows, i):
+    """Direction i's rows of a pair's (b, ., L) tensor, in its own time order: the first b/2
+    rows, or the last b/2 reversed in time (None stays None)."""
+    if rows is None:
+        return None
+    half = rows.shape[0] // 2
+    return rows[:half] if i == 0 else rows[half:].flip(-1)
+
+
+def _direction_param(param, i):
+    return None if param is None else param[i]
 
 
 def _advance(state, delta_t, drive_scale_t, A, B_t):
@@ -188,7 +210,13 @@ class _RecomputedRecurrence(torch.autograd.Function):
 def causal_conv1d_silu_ref(x, weight, bias):
     """silu of the causal depthwise convolution of x: per channel e,
     y_t = silu(bias_e + sum_k weight_{e,k} x_{t-(K-1)+k}), x_t = 0 for t < 0.
-    x: (b, E, L); weight: (E, K); bias: (E,) or None -> (b, E, L)."""
+    x: (b, E, L); weight: (E, K); bias: (E,) or None -> (b, E, L). A pair of directions, as in
+    `selective_scan_ref`, is one call with weight: (2, E, K), bias: (2, E) or None: rows
+    [b/2, b) run backward in time with set 1 (their convolution is anti-causal in stored order)."""
+    if weight.ndim == 3:
+        y = [causal_conv1d_silu_ref(_direction(x, i), weight[i], _direction_param(bias, i))
+             for i in (0, 1)]
+        return torch.cat([y[0], y[1].flip(-1)])
     length, taps = x.shape[-1], weight.shape[1]
     return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=taps - 1,
                            groups=weight.shape[0])[..., :length])
@@ -197,13 +225,18 @@ def causal_conv1d_silu_ref(x, weight, bias):
 class MambaMixer(nn.Module):
     """The Mamba block of mamba_ssm (same parameters, same computation) around a selective scan
     with the signature of `selective_scan_ref` (`scan`: that function or the Triton kernel) and
-    a causal convolution with that of `causal_conv1d_silu_ref` (`conv`: it or its kernel)."""
+    a causal convolution with that of `causal_conv1d_silu_ref` (`conv`: it or its kernel).
+
+    pair_directions=True: a bidirectional layer of two such mixers runs them as one computation
+    (`bidirectional_mamba`), with half as many, larger kernels; the Triton path does, the plain
+    path keeps the directions apart, as the reference."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
                  dt_max=0.1, dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 scan=selective_scan_recompute, conv=causal_conv1d_silu_ref):
+                 scan=selective_scan_recompute, conv=causal_conv1d_silu_ref,
+                 pair_directions=False):
         super().__init__()
-        self.scan, self.conv = scan, conv
+        self.scan, self.conv, self.pair_directions = scan, conv, pair_directions
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
@@ -246,6 +279,51 @@ class MambaMixer(nn.Module):
         y = self.scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z=z,
                       delta_bias=self.dt_proj.bias, delta_softplus=True)             # (b, E, L)
         return self.out_proj(y.transpose(1, 2))
+
+
+def bidirectional_mamba(forward_mixer, backward_mixer, hidden):
+    """Two Mamba blocks of one shape as one computation: `forward_mixer` on hidden[0] in time
+    order, `backward_mixer` on hidden[1] in reverse time order (both may be one mixer). Their
+    projections are batched products over the two parameter sets and their convolution and scan
+    are one call each on a pair of directions (`selective_scan_ref`'s doc), so nothing is
+    flipped and each kernel is launched once for both.
+    hidden: (2, b, L, d) -> (2, b, L, d), both in time order."""
+    if forward_mixer.scan is selective_scan_recompute and torch.is_grad_enabled():
+        return checkpoint(_bidirectional_block, forward_mixer, backward_mixer, hidden,
+                          use_reentrant=False)        # as MambaMixer.forward on the plain path
+    return _bidirectional_block(forward_mixer, backward_mixer, hidden)
+
+
+def _bidirectional_block(forward_mixer, backward_mixer, hidden):
+    pair, b, length, d_model = hidden.shape
+    first = forward_mixer
+
+    def both(get):
+        """A parameter of the two mixers stacked: (2, ...)."""
+        return torch.stack([get(forward_mixer), get(backward_mixer)])
+
+    def project(x, name, bias=True):
+        """Both mixers' Linear `name` on x: (2, n, in) -> (2, n, out)."""
+        weight = both(lambda m: getattr(m, name).weight).transpose(1, 2)
+        if bias and getattr(first, name).bias is not None:
+            return torch.baddbmm(both(lambda m: getattr(m, name).bias)[:, None], x, weight)
+        return torch.bmm(x, weight)
+
+    # rows [0, b) run forward in time, rows [b, 2b) backward: a pair of directions
+    x, z = (part.transpose(1, 2) for part in                                 # (2b, E, L) each
+            project(hidden.view(pair, b * length, d_model), "in_proj")
+            .view(pair * b, length, -1).chunk(2, dim=-1))
+    x = first.conv(x, both(lambda m: m.conv1d.weight.squeeze(1)),
+                   both(lambda m: m.conv1d.bias) if first.conv1d.bias is not None else None)
+    dt, B, C = project(x.transpose(1, 2).reshape(pair, b * length, -1), "x_proj").split(
+        [first.dt_rank, first.d_state, first.d_state], dim=-1)               # (2, b L, .)
+    dt = project(dt, "dt_proj", bias=False).view(pair * b, length, -1).transpose(1, 2)
+    B, C = (t.reshape(pair * b, length, -1).transpose(1, 2) for t in (B, C))   # (2b, N, L)
+    A = -torch.exp(both(lambda m: m.A_log).float())                          # (2, E, N)
+    y = first.scan(x, dt, A, B, C, both(lambda m: m.D), z=z,
+                   delta_bias=both(lambda m: m.dt_proj.bias), delta_softplus=True)  # (2b, E, L)
+    out = project(y.transpose(1, 2).reshape(pair, b * length, -1), "out_proj")
+    return out.view(pair, b, length, d_model)
 
 
 def _gpu_and_package(name):
@@ -304,4 +382,4 @@ def make_mamba(d_model, d_state, d_conv, expand, impl):
         from model.conv_triton import causal_conv1d_silu_triton as conv
         from model.scan_triton import selective_scan_triton as scan
     return MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, scan=scan,
-                      conv=conv)
+                      conv=conv, pair_directions=impl == "triton")

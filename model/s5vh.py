@@ -6,7 +6,7 @@ and decoder widths, B the code length.
 import torch
 import torch.nn as nn
 
-from model.mamba import IMPL_NAMES
+from model.mamba import IMPL_NAMES, MambaMixer, bidirectional_mamba
 from model.mixers import mixer_factory, resolve_mixer
 from utils.hashing import binarize
 
@@ -53,10 +53,13 @@ class BidirectionalLayer(nn.Module):
 
     share_directions=True reproduces the authors' release, where G is F (one set of weights);
     bidirectional=False keeps the forward scan only, h <- h + DropPath(F(LN1(h))) (an ablation).
-    With `side` (a SideStream, on a CUDA tensor), G runs on a second CUDA stream while F runs:
-    the same kernels, issued in the same order, so autograd visits them in the same order too,
-    but the GPU overlaps the two chains, and their gradients, which autograd runs on the stream
-    of each forward op.
+    When F and G are `MambaMixer`s that pair directions (the Triton path), the two directions
+    are computed together, by `bidirectional_mamba` (`paired`): LN and the mixers act per frame or walk time in either
+    direction in their kernels, so F(LN1(h)) and flip(G(LN2(flip(h)))) are one batched chain with
+    no flip. Otherwise, with `side` (a SideStream, on a CUDA tensor), G runs on a second CUDA
+    stream while F runs: the same kernels, issued in the same order, so autograd visits them in
+    the same order too, but the GPU overlaps the two chains, and their gradients, which autograd
+    runs on the stream of each forward op.
     """
 
     def __init__(self, dim, make_mixer, drop_path=0.0, share_directions=False,
@@ -68,6 +71,8 @@ class BidirectionalLayer(nn.Module):
         if bidirectional:
             self.norm_backward = nn.LayerNorm(dim, eps=LN_EPS)
             self.mixer_backward = None if share_directions else make_mixer(dim)
+        self.paired = bidirectional and isinstance(self.mixer_forward, MambaMixer) and \
+            self.mixer_forward.pair_directions
         self.drop_path = DropPath(drop_path)
 
     def _backward_direction(self, h):
@@ -78,6 +83,11 @@ class BidirectionalLayer(nn.Module):
         """h: (b, L, d), noise: (b,) DropPath noise or None -> (b, L, d)."""
         if not self.bidirectional:
             out = self.mixer_forward(self.norm_forward(h))
+        elif self.paired:
+            both = bidirectional_mamba(self.mixer_forward,
+                                       self.mixer_backward or self.mixer_forward,
+                                       torch.stack([self.norm_forward(h), self.norm_backward(h)]))
+            out = both[0] + both[1]
         elif self.side is not None and h.is_cuda:
             main = torch.cuda.current_stream(h.device)
             side = self.side.stream(h.device)
@@ -235,15 +245,17 @@ class S5VH(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def describe_mixer(self):
-        """e.g. 'mamba (Triton short-sequence selective scan)', 'attention (sdpa)', 'lstm', with
-        ', directions on two CUDA streams' when they are."""
+        """e.g. 'mamba (Triton short-sequence selective scan), directions paired', 'attention
+        (sdpa)', 'lstm', with ', directions on two CUDA streams' when they are."""
         if self.mixer == "mamba":
             text = f"mamba ({IMPL_NAMES[self.mixer_impl]})"
         else:
             text = f"{self.mixer} ({self.mixer_impl})" if self.mixer_impl else self.mixer
         layer = self.encoder.layers[0]
         on_gpu = any(p.is_cuda for p in self.parameters())
-        if layer.side is not None and layer.bidirectional and on_gpu:
+        if layer.paired:
+            text += ", directions paired"
+        elif layer.side is not None and layer.bidirectional and on_gpu:
             text += ", directions on two CUDA streams"
         return text
 

@@ -55,14 +55,22 @@ def _load_step(ptr, b, rows, t, stride_b, stride_row, stride_t, mask):
 
 
 @triton.jit
-def _channel_params(A_ptr, D_ptr, bias_ptr, e, n, e_ok, n_ok, N: tl.constexpr,
+def _channel_params(A_ptr, D_ptr, bias_ptr, pair, e, n, e_ok, n_ok, E, N: tl.constexpr,
                     HAS_BIAS: tl.constexpr):
-    """A (BLOCK, N_PAD), D and delta_bias (BLOCK,) of a block of channels."""
+    """A (BLOCK, N_PAD), D and delta_bias (BLOCK,) of a block of channels of direction `pair`
+    (0, or 1 for a paired scan's time-reversed half)."""
+    A_ptr, D_ptr, bias_ptr = A_ptr + pair * E * N, D_ptr + pair * E, bias_ptr + pair * E
     A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=e_ok[:, None] & n_ok[None, :],
                 other=0.0)
     Dv = tl.load(D_ptr + e, mask=e_ok, other=0.0)
     bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0) if HAS_BIAS else 0.0
     return A, Dv, bias
+
+
+@triton.jit
+def _stored_step(t, pair, L):
+    """Where step t of the recurrence is stored: t, or L - 1 - t in the time-reversed half."""
+    return t + pair * (L - 1 - 2 * t)
 
 
 @triton.jit
@@ -77,19 +85,22 @@ def _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e, sdt_
 
 @triton.jit
 def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
-                     E, L,
+                     E, L, ROWS_PER_PAIR,
                      su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
                      sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_e, sy_l,
                      N: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
+    pair = b // ROWS_PER_PAIR
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                         # (BLOCK,)
     n = tl.arange(0, N_PAD)                                                    # (N_PAD,)
     e_ok, n_ok = e < E, n < N
-    A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, e, n, e_ok, n_ok, N, HAS_BIAS)
+    A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, pair, e, n, e_ok, n_ok, E, N,
+                                  HAS_BIAS)
     h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
-    for t in tl.range(L, num_stages=STAGES):
+    for step in tl.range(L, num_stages=STAGES):
+        t = _stored_step(step, pair, L)
         u, _, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e,
                                    sdt_l, bias, e_ok, SOFTPLUS)
         Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
@@ -114,7 +125,8 @@ def _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, t, su_b, su_e, su_l, sdt_b, 
 
 @triton.jit
 def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dout_ptr,
-                     scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, dparams_ptr, E, L, SEG,
+                     scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, dparams_ptr, E, L,
+                     ROWS_PER_PAIR, SEG,
                      su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
                      sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, so_b, so_e, so_l,
                      sg_b, sg_e, sg_l,
@@ -131,6 +143,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     being walked.
     """
     b = tl.program_id(0).to(tl.int64)
+    pair = b // ROWS_PER_PAIR
     block = tl.program_id(1)
     blocks = tl.num_programs(1)
     e = block * BLOCK + tl.arange(0, BLOCK)
@@ -138,7 +151,8 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     e_ok, n_ok = e < E, n < N
     TILE: tl.constexpr = BLOCK * N_PAD
     tile = tl.arange(0, BLOCK)[:, None] * N_PAD + n[None, :]                  # (BLOCK, N_PAD)
-    A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, e, n, e_ok, n_ok, N, HAS_BIAS)
+    A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, pair, e, n, e_ok, n_ok, E, N,
+                                  HAS_BIAS)
     segments = tl.cdiv(L, SEG)
     scratch = scratch_ptr + (b * blocks + block) * (segments + SEG - 2) * TILE   # this program's
     walked = segments - 1                                 # first slot of the segment's states
@@ -146,8 +160,9 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     # forward walk, keeping the checkpoints
     h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
     for t in tl.range(L - 1, num_stages=STAGES):
-        h = _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, t, su_b, su_e, su_l, sdt_b, sdt_e,
-                             sdt_l, sB_b, sB_n, sB_l, A, bias, e_ok, n_ok, h, SOFTPLUS)
+        h = _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, _stored_step(t, pair, L), su_b,
+                             su_e, su_l, sdt_b, sdt_e, sdt_l, sB_b, sB_n, sB_l, A, bias, e_ok,
+                             n_ok, h, SOFTPLUS)
         if (t + 1) % SEG == 0:
             tl.store(scratch + ((t + 1) // SEG - 1) * TILE + tile, h)
 
@@ -165,31 +180,32 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
         #                      checkpoints are written, before this segment's are
         h = tl.load(scratch + (s - 1) * TILE + tile, mask=tile < s * TILE, other=0.0)
         for t in tl.range(first, last + 1, num_stages=STAGES):
-            h = _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, t, su_b, su_e, su_l, sdt_b,
-                                 sdt_e, sdt_l, sB_b, sB_n, sB_l, A, bias, e_ok, n_ok, h,
-                                 SOFTPLUS)
+            h = _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, _stored_step(t, pair, L),
+                                 su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sB_b, sB_n, sB_l, A,
+                                 bias, e_ok, n_ok, h, SOFTPLUS)
             if t < last:
                 tl.store(scratch + (walked + t - first) * TILE + tile, h)
         tl.debug_barrier()   # the reverse walk reads states other threads of the program wrote
 
         for step in tl.range(last + 1 - first, num_stages=STAGES):
             t = last - step
-            u, dt_in, dt = _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b,
+            at = _stored_step(t, pair, L)
+            u, dt_in, dt = _input_and_step(u_ptr, dt_ptr, b, e, at, su_b, su_e, su_l, sdt_b,
                                            sdt_e, sdt_l, bias, e_ok, SOFTPLUS)
-            Bt = _load_step(B_ptr, b, n, t, sB_b, sB_n, sB_l, n_ok)
-            Ct = _load_step(C_ptr, b, n, t, sC_b, sC_n, sC_l, n_ok)
-            dy = _load_step(dout_ptr, b, e, t, so_b, so_e, so_l, e_ok)
+            Bt = _load_step(B_ptr, b, n, at, sB_b, sB_n, sB_l, n_ok)
+            Ct = _load_step(C_ptr, b, n, at, sC_b, sC_n, sC_l, n_ok)
+            dy = _load_step(dout_ptr, b, e, at, so_b, so_e, so_l, e_ok)
             # h holds h_t; h_{t-1} is the segment's state before it, or at the segment's first
             # step its checkpoint (zero at t = 0: the mask is true iff t > 0). Each is read
             # once and becomes h of the next (earlier) step.
             slot = tl.where(t > first, walked + t - first - 1, s - 1)
             h_prev = tl.load(scratch + slot * TILE + tile, mask=tile < t * TILE, other=0.0)
             if HAS_Z:
-                zt = _load_step(z_ptr, b, e, t, sz_b, sz_e, sz_l, e_ok)
+                zt = _load_step(z_ptr, b, e, at, sz_b, sz_e, sz_l, e_ok)
                 gate = tl.sigmoid(zt)
                 y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
                 dz = dy * y * gate * (1.0 + zt * (1.0 - gate))
-                tl.store(dz_ptr + b * sg_b + e * sg_e + t * sg_l,
+                tl.store(dz_ptr + b * sg_b + e * sg_e + at * sg_l,
                          dz.to(dz_ptr.dtype.element_ty), mask=e_ok)
                 dy = dy * zt * gate
             g = carry + dy[:, None] * Ct[None, :]                              # dLoss/dh_t
@@ -203,11 +219,11 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
             if SOFTPLUS:
                 ddt = tl.where(dt_in > SOFTPLUS_THRESHOLD, ddt, ddt * tl.sigmoid(dt_in))
             dbias_sum += ddt
-            tl.store(du_ptr + b * sg_b + e * sg_e + t * sg_l, du.to(du_ptr.dtype.element_ty),
+            tl.store(du_ptr + b * sg_b + e * sg_e + at * sg_l, du.to(du_ptr.dtype.element_ty),
                      mask=e_ok)
-            tl.store(ddt_ptr + b * sg_b + e * sg_e + t * sg_l,
+            tl.store(ddt_ptr + b * sg_b + e * sg_e + at * sg_l,
                      ddt.to(ddt_ptr.dtype.element_ty), mask=e_ok)
-            partial = dBC_ptr + ((b * blocks + block) * 2 * N + n) * L + t
+            partial = dBC_ptr + ((b * blocks + block) * 2 * N + n) * L + at
             tl.store(partial, tl.sum(g * (dt * u)[:, None], axis=0), mask=n_ok)       # dB
             tl.store(partial + N * L, tl.sum(h * dy[:, None], axis=0), mask=n_ok)     # dC
             carry = g * decay
@@ -216,6 +232,11 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     tl.store(params[:, None] + n[None, :], dA_sum, mask=e_ok[:, None] & n_ok[None, :])
     tl.store(params + N, dD_sum, mask=e_ok)
     tl.store(params + N + 1, dbias_sum, mask=e_ok)
+
+
+def _rows_per_pair(b, A):
+    """Rows of each direction: b when A is (E, N), b / 2 when it is a pair's (2, E, N)."""
+    return b // 2 if A.ndim == 3 else b
 
 
 def _channels_last(b, E, L, like):
@@ -229,14 +250,14 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, num_warps,
                 segment, stages):
         b, E, L = u.shape
-        N = A.shape[1]
+        N = A.shape[-1]
         A, D = A.float().contiguous(), D.float().contiguous()
         bias = delta_bias.float().contiguous() if delta_bias is not None else D
         zz = z if z is not None else u
         y = _channels_last(b, E, L, u)
         grid = (b, triton.cdiv(E, block))
         _scan_fwd_kernel[grid](
-            u, delta, zz, B, C, A, D, bias, y, E, L,
+            u, delta, zz, B, C, A, D, bias, y, E, L, _rows_per_pair(b, A),
             *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *y.stride(),
             N=N, N_PAD=triton.next_power_of_2(N), BLOCK=block, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), STAGES=stages,
@@ -250,7 +271,7 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         delta_softplus, block, num_warps, segment, stages = ctx.options
         b, E, L = u.shape
-        N = A.shape[1]
+        N = A.shape[-1]
         N_PAD = triton.next_power_of_2(N)
         blocks = triton.cdiv(E, block)
         f32 = dict(device=u.device, dtype=torch.float32)
@@ -267,17 +288,20 @@ class _SelectiveScan(torch.autograd.Function):
         dparams = torch.empty(b, E, N + 2, **f32)
         _scan_bwd_kernel[(b, blocks)](
             u, delta, zz, B, C, A, D, bias, dout, scratch, du, ddelta, dz, dBC, dparams, E, L,
-            segment,
+            _rows_per_pair(b, A), segment,
             *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(),
             *dout.stride(), *du.stride(),
             N=N, N_PAD=N_PAD, BLOCK=block, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, STAGES=stages,
             num_warps=num_warps)
         dB, dC = dBC.sum(1).unbind(1)
-        dA, dD, dbias = dparams.sum(0).split((N, 1, 1), dim=1)
-        return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD.squeeze(1),
+        # one sum per direction: (directions, b / directions, E, N + 2) -> (directions, E, N + 2)
+        directions = A.shape[0] if A.ndim == 3 else 1
+        sums = dparams.view(directions, b // directions, E, N + 2).sum(1)
+        dA, dD, dbias = sums.view(A.shape[:-1] + (N + 2,)).split((N, 1, 1), dim=-1)
+        return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD.squeeze(-1),
                 dz if z is not None else None,
-                dbias.squeeze(1) if delta_bias is not None else None, None, None, None, None,
+                dbias.squeeze(-1) if delta_bias is not None else None, None, None, None, None,
                 None)
 
 
@@ -287,20 +311,26 @@ def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_s
     """`selective_scan_ref` as two Triton kernels (forward; backward with recomputation).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L); D, delta_bias: (E,); all on one CUDA
-    device. `block` channels per program and `num_warps` per program tune the kernels,
-    `segment` the backward pass's steps per segment (the module's doc), `stages` how many
-    steps' loads the compiler keeps in flight (1: none ahead).
+    device. A pair of directions (`selective_scan_ref`'s doc) has A: (2, E, N) and D,
+    delta_bias: (2, E); its time-reversed rows are read and written in place, not flipped.
+    `block` channels per program and `num_warps` per program tune the kernels, `segment` the
+    backward pass's steps per segment (the module's doc), `stages` how many steps' loads the
+    compiler keeps in flight (1: none ahead).
     Returns y: (b, E, L) in the dtype of u (stored (b, L, E)-major).
     """
     b, E, L = u.shape
-    N = A.shape[1]
-    expected = {"delta": (delta, (b, E, L)), "A": (A, (E, N)), "B": (B, (b, N, L)),
-                "C": (C, (b, N, L)), "D": (D, (E,)), "z": (z, (b, E, L)),
-                "delta_bias": (delta_bias, (E,))}
+    N = A.shape[-1]
+    sets = (2,) if A.ndim == 3 else ()
+    expected = {"delta": (delta, (b, E, L)), "A": (A, sets + (E, N)), "B": (B, (b, N, L)),
+                "C": (C, (b, N, L)), "D": (D, sets + (E,)), "z": (z, (b, E, L)),
+                "delta_bias": (delta_bias, sets + (E,))}
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"selective scan: {name} must have shape {shape}, "
                              f"got {tuple(tensor.shape)}")
+    if sets and b % 2:
+        raise ValueError(f"selective scan: a pair of directions needs an even number of rows, "
+                         f"got {b}")
     if segment < 1:
         raise ValueError(f"selective scan: segment must be at least 1, got {segment}")
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block,

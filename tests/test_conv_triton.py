@@ -57,6 +57,26 @@ def test_triton_conv_matches_reference(b, E, L, K):
     assert g[1].is_contiguous() and g[2].is_contiguous()
 
 
+@pytest.mark.parametrize("conv", [causal_conv1d_silu_ref, causal_conv1d_silu_triton])
+def test_a_pair_of_directions_is_two_convolutions_one_reversed_in_time(conv):
+    x, weight, bias = conv_inputs(4, 24, 9, 4)                # 2 rows of each direction
+    with torch.no_grad():                                     # a second set, unlike the first
+        weight, bias = (torch.stack([t, t.flip(0) * 0.5]).requires_grad_()
+                        for t in (weight, bias))
+    grad_out = torch.randn(4, 24, 9, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y = conv(x, weight, bias)
+    got = torch.autograd.grad(y, (x, weight, bias), grad_out)
+    # the definition: the second half's rows convolved reversed in time with set 1
+    forward = causal_conv1d_silu_ref(x[:2], weight[0], bias[0])
+    backward = causal_conv1d_silu_ref(x[2:].flip(-1), weight[1], bias[1]).flip(-1)
+    want_y = torch.cat([forward, backward])
+    want = torch.autograd.grad(want_y, (x, weight, bias), grad_out)
+    assert_close(y, want_y, "y")
+    for name, g, w in zip(("x", "weight", "bias"), got, want):
+        assert g.shape == w.shape, name
+        assert_close(g, w, name)
+
+
 def test_triton_conv_keeps_bf16_inputs_and_computes_in_float32():
     x, weight, bias = (t.detach() for t in conv_inputs(2, BLOCK_E, 7, 4))
     y = causal_conv1d_silu_triton(x.to(torch.bfloat16), weight, bias)

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from model.conv_triton import causal_conv1d_silu_triton  # noqa: E402
 from model.mamba import (MambaMixer, causal_conv1d_silu_ref, resolve_mamba_impl,  # noqa: E402
                          selective_scan_ref)
+from model.s5vh import BidirectionalLayer  # noqa: E402
 from model.scan_triton import BLOCK_E, selective_scan_triton  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -115,6 +116,58 @@ def test_triton_scan_rejects_mismatched_shapes():
     inputs["C"] = inputs["B"]
     with pytest.raises(ValueError, match="segment must be at least 1, got 0"):
         selective_scan_triton(**inputs, segment=0)
+
+
+def direction_by_direction(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
+    """A pair of directions as its definition: two reference scans, the second on its rows
+    reversed in time, with parameter sets 0 and 1."""
+    b = u.shape[0] // 2
+    forward = selective_scan_ref(u[:b], delta[:b], A[0], B[:b], C[:b], D[0], z[:b],
+                                 delta_bias[0], delta_softplus)
+    backward = selective_scan_ref(*(t[b:].flip(-1) for t in (u, delta)), A[1],
+                                  *(t[b:].flip(-1) for t in (B, C)), D[1], z[b:].flip(-1),
+                                  delta_bias[1], delta_softplus)
+    return torch.cat([forward, backward.flip(-1)])
+
+
+@pytest.mark.parametrize("scan", [selective_scan_ref, selective_scan_triton])
+def test_a_pair_of_directions_is_two_scans_one_reversed_in_time(scan):
+    inputs = scan_inputs(4, 24, 7, 8)                  # 2 rows of each direction
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():                              # a second parameter set, unlike the first
+        inputs["A"] = torch.stack([inputs["A"], inputs["A"] * 0.5 - 0.2])
+        inputs["D"], inputs["delta_bias"] = (torch.stack([t, torch.randn(24, generator=gen)
+                                                          .to(DEVICE)])
+                                             for t in (inputs["D"], inputs["delta_bias"]))
+    for name in ("A", "D", "delta_bias"):
+        inputs[name].requires_grad_()
+    grad_out = torch.randn(4, 24, 7, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    y_ref, g_ref = value_and_grads(direction_by_direction, inputs, grad_out)
+    y, g = value_and_grads(scan, inputs, grad_out)
+    assert_close(y, y_ref, "y")
+    for name in g_ref:
+        assert g[name].shape == g_ref[name].shape, name
+        assert_close(g[name], g_ref[name], name)
+
+
+def test_paired_bidirectional_layer_matches_direction_by_direction():
+    """The Triton path's layer (both directions as one computation, no flips) against the plain
+    path's (one mixer after the other on flipped sequences), with the same weights."""
+    torch.manual_seed(0)
+    layers = [BidirectionalLayer(8, make_mixer).to(DEVICE)
+              for make_mixer in (MambaMixer, functools.partial(
+                  MambaMixer, scan=selective_scan_triton, conv=causal_conv1d_silu_triton,
+                  pair_directions=True))]
+    reference, paired = layers
+    paired.load_state_dict(reference.state_dict())
+    assert paired.paired and not reference.paired
+    h = torch.randn(2, 7, 8, device=DEVICE)
+    out = [layer(h) for layer in layers]
+    for o in out:
+        o.square().sum().backward()
+    assert torch.allclose(out[1], out[0], rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(reference.named_parameters(), paired.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-5), name
 
 
 @pytest.mark.parametrize("conv", [causal_conv1d_silu_ref, causal_conv1d_silu_triton])

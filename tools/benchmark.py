@@ -38,7 +38,7 @@ from inference.encode import autocast, encode
 from inference.metrics import retrieval_metrics
 from Loss.losses import LabelTable, S5VHLoss
 from model.mamba import MambaMixer, causal_conv1d_silu_ref
-from model.s5vh import build_model, gather_frames
+from model.s5vh import BidirectionalLayer, build_model, gather_frames
 from optim.engine import TrainStep, draw_step_inputs, epoch_generator, full_view_logits
 from optim.optimizer import build_optimizer
 from optim.runner import Job, train_runs
@@ -91,7 +91,8 @@ class StepOptions:
     triton_conv: bool = True    # with the Triton scan: the fused Triton convolution + SiLU
     first_scan: bool = False    # the Triton scan as first written: every state kept for the
     #                             backward (one segment), no loads in flight ahead (one stage)
-    two_streams: bool = False   # the two scan directions on two CUDA streams
+    paired: bool = True         # with the Triton scan: both directions as one computation
+    two_streams: bool = False   # the directions on two CUDA streams (when apart)
     compiled: bool = False      # model and loss through torch.compile (Inductor fuses kernels)
 
 
@@ -100,16 +101,21 @@ LADDER = [
     ("+ resident batches, one pass, fused AdamW", StepOptions(True)),
     ("+ CUDA graph of the step", StepOptions(True, True)),
     ("+ bf16 autocast", StepOptions(True, True, True)),
-    ("+ Triton short-sequence scan", StepOptions(True, True, True, "triton", False, True)),
-    ("+ Triton causal convolution", StepOptions(True, True, True, "triton", first_scan=True)),
-    ("+ scan: segmented backward, pipelined loads (the default)",
+    ("+ Triton short-sequence scan", StepOptions(True, True, True, "triton", False, True,
+                                                 paired=False)),
+    ("+ Triton causal convolution", StepOptions(True, True, True, "triton", first_scan=True,
+                                                paired=False)),
+    ("+ scan: segmented backward, pipelined loads",
+     StepOptions(True, True, True, "triton", paired=False)),
+    ("+ directions paired: one batched chain (the default)",
      StepOptions(True, True, True, "triton")),
-    ("+ directions on two streams", StepOptions(True, True, True, "triton", two_streams=True)),
+    ("directions apart on two streams", StepOptions(True, True, True, "triton", paired=False,
+                                                    two_streams=True)),
     ("default in float32 (no bf16)", StepOptions(True, True, False, "triton")),
     ("default + torch.compile of model and loss", StepOptions(True, True, True, "triton",
                                                               compiled=True)),
 ]
-DEFAULT_RUNG = "+ scan: segmented backward, pipelined loads (the default)"
+DEFAULT_RUNG = "+ directions paired: one batched chain (the default)"
 
 
 class PlainStep:
@@ -166,6 +172,9 @@ def make_step(opts, features, centers, labels, batch=128, nbits=64):
             from model.scan_triton import selective_scan_triton
             mixer.scan = functools.partial(selective_scan_triton, segment=cfg.max_frames,
                                            stages=1)
+    if not opts.paired:           # the directions one after the other, as other mixers run
+        for layer in (m for m in model.modules() if isinstance(m, BidirectionalLayer)):
+            layer.paired = False
     criterion = S5VHLoss(centers, cfg.train).to(DEVICE)
     table = LabelTable(labels, len(centers), DEVICE)
     if not opts.library_step:
@@ -424,12 +433,13 @@ def bench_frames(frame_counts, batch, repeats=3):
     return rows
 
 
-def profile_step(steps=5, two_streams=False):
-    """Top CUDA kernels of the eager default step (bf16, Triton scan)."""
+def profile_step(steps=5, paired=True):
+    """Top CUDA kernels of the eager default step (bf16, Triton scan), or with the directions
+    apart (paired=False)."""
     from torch.profiler import ProfilerActivity, profile
     gen = torch.Generator(device="cuda").manual_seed(0)
     features, centers, labels = _synthetic(1024, ucf_config(), gen)
-    step, model = make_step(StepOptions(True, False, True, "triton", two_streams=two_streams),
+    step, model = make_step(StepOptions(True, False, True, "triton", paired=paired),
                             features, centers, labels)
     cfg = ucf_config()
 
@@ -491,7 +501,7 @@ def main(argv=None):
     parser.add_argument("--no-synthetic", action="store_true",
                         help="runs: skip the synthetic UCF-size runs (with --ucf-dev)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="runs: override keys of every run (e.g. model.two_streams=True)")
+                        help="runs: override keys of every run (e.g. train.amp=False)")
     parser.add_argument("--videos", type=int, default=9537,
                         help="videos of the synthetic resident set for train and routes")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per phase")
@@ -520,9 +530,7 @@ def main(argv=None):
         report["routes"] = bench_routes(args.videos, args.steps, args.routes)
     if "runs" in args.parts:
         # the step time the runs are compared with: the rung their config trains with
-        rung = "+ directions on two streams" if "model.two_streams=True" in args.cfg_options \
-            else DEFAULT_RUNG
-        rates = next(r["videos_per_s"] for r in report["train"] if r["step"] == rung)
+        rates = next(r["videos_per_s"] for r in report["train"] if r["step"] == DEFAULT_RUNG)
         report["runs"] = bench_runs(args.data, args.work_dir, args.epochs, rates, args.ucf_dev,
                                     not args.no_synthetic, args.cfg_options)
     if "eval" in args.parts:
@@ -531,8 +539,8 @@ def main(argv=None):
         report["frames"] = bench_frames(args.frames, args.frames_batch)
         frames_figure(report).savefig(os.path.join(args.out, "encoder_vs_frames.png"), dpi=120)
     if "profile" in args.parts:
-        report["profile"] = {"one stream": profile_step(),
-                             "two streams": profile_step(two_streams=True)}
+        report["profile"] = {"directions paired": profile_step(),
+                             "directions apart": profile_step(paired=False)}
     name = "benchmark_" + "_".join(args.parts) + ("_ucf_dev" if args.ucf_dev else "") + ".json"
     write_json(os.path.join(args.out, name), report)
     return report

@@ -78,6 +78,8 @@ model = dict(
     share_directions=False,    # True: both scan directions use one mixer (the authors' release)
     bidirectional=True,        # False: forward scans only (the unidirectional ablation)
     two_streams=False,         # on CUDA, the backward scans on a second stream (same numbers)
+    #                            where the directions run apart (not on the Triton path: it
+    #                            pairs them into one computation, model/s5vh.py)
     decoder_order="visible_first",  # visible_first (MAE-style, the release) | time
 )
 
