@@ -151,9 +151,9 @@ class _CausalConvSiLU(torch.autograd.Function):
         ds = torch.empty(b, E, L, **f32)
         dparams = torch.empty(b, E * K + E, **f32)
         _conv_bwd_kernel[(b, triton.cdiv(E, block))](
-            x, weight, bias, dy, ds, dx, dparams, E, L, _rows_per_pair(b, weight), *x.stride(), *dy.stride(),
-            *dx.stride(), K=K, K_PAD=triton.next_power_of_2(K), BLOCK=block, STAGES=stages,
-            num_warps=num_warps)
+            x, weight, bias, dy, ds, dx, dparams, E, L, _rows_per_pair(b, weight), *x.stride(),
+            *dy.stride(), *dx.stride(), K=K, K_PAD=triton.next_power_of_2(K), BLOCK=block,
+            STAGES=stages, num_warps=num_warps)
         # one sum per direction: (directions, b / directions, E K + E) -> (directions, E K + E)
         directions = weight.shape[0] if weight.ndim == 3 else 1
         sums = dparams.view(directions, b // directions, E * K + E).sum(1)

@@ -54,12 +54,12 @@ class BidirectionalLayer(nn.Module):
     share_directions=True reproduces the authors' release, where G is F (one set of weights);
     bidirectional=False keeps the forward scan only, h <- h + DropPath(F(LN1(h))) (an ablation).
     When F and G are `MambaMixer`s that pair directions (the Triton path), the two directions
-    are computed together, by `bidirectional_mamba` (`paired`): LN and the mixers act per frame or walk time in either
-    direction in their kernels, so F(LN1(h)) and flip(G(LN2(flip(h)))) are one batched chain with
-    no flip. Otherwise, with `side` (a SideStream, on a CUDA tensor), G runs on a second CUDA
-    stream while F runs: the same kernels, issued in the same order, so autograd visits them in
-    the same order too, but the GPU overlaps the two chains, and their gradients, which autograd
-    runs on the stream of each forward op.
+    are computed together, by `bidirectional_mamba` (`paired`): LN and the mixers act per frame
+    or walk time in either direction in their kernels, so F(LN1(h)) and flip(G(LN2(flip(h))))
+    are one batched chain with no flip. Otherwise, with `side` (a SideStream, on a CUDA
+    tensor), G runs on a second CUDA stream while F runs: the same kernels, issued in the same
+    order, so autograd visits them in the same order too, but the GPU overlaps the two chains,
+    and their gradients, which autograd runs on the stream of each forward op.
     """
 
     def __init__(self, dim, make_mixer, drop_path=0.0, share_directions=False,
