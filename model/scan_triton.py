@@ -10,14 +10,13 @@ partial sum that one `sum` adds up (no atomics).
 The backward pass recomputes the states of the forward pass and runs the reverse recurrence
     g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t        (g_t = dLoss/dh_t)
 from which every input gradient follows step by step. It needs the states in reverse order, so
-it walks the sequence in segments of `segment` steps, last segment first: the forward kernel
-keeps only the state entering each segment (a checkpoint; none when no backward pass can
-follow), and each segment recomputes its own states from its checkpoint into a small
-per-program scratch buffer just before its reverse walk. That is (segments - 1) checkpoints
-kept from the forward pass and (segment - 1) scratch states of (channels, N) per program
-instead of L - 1 (at S5VH's shapes every state of every program is b * E * L * N floats,
-hundreds of MB, written and read back once), at the price of computing the forward recurrence
-twice; on the H200 that is faster (README, "GPU speed"). Work and memory are linear in L; the
+it walks the sequence in segments of `segment` steps, last segment first: a first forward walk
+keeps only the state entering each segment (a checkpoint), and each segment recomputes its own
+states from its checkpoint into a small per-program scratch buffer just before its reverse
+walk. The scratch is (segments - 1) + (segment - 1) states of (channels, N) per program instead
+of L - 1 (at S5VH's shapes every state of every program is b * E * L * N floats, hundreds of
+MB, written and read back once), at the price of computing the forward recurrence twice; on the
+H200 that is faster (README, "GPU speed"). Work and memory are linear in L; the
 programs are sequential in L, so very long sequences with few channels are better served by
 mamba_ssm's chunked kernel (`model.mamba_impl='cuda'`).
 
@@ -89,24 +88,17 @@ def _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e, sdt_
 
 @triton.jit
 def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
-                     checkpoints_ptr, E, L, ROWS_PER_PAIR, SEG,
+                     E, L, ROWS_PER_PAIR,
                      su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
                      sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_e, sy_l,
                      N: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     SAVE: tl.constexpr, STAGES: tl.constexpr):
-    """y, and with SAVE the backward pass's checkpoints: the state entering each segment of SEG
-    steps after the first, (segments - 1) (BLOCK, N_PAD) tiles per program."""
+                     STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pair = b // ROWS_PER_PAIR
-    block = tl.program_id(1)
-    e = block * BLOCK + tl.arange(0, BLOCK)                                    # (BLOCK,)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                         # (BLOCK,)
     n = tl.arange(0, N_PAD)                                                    # (N_PAD,)
     e_ok, n_ok = e < E, n < N
-    TILE: tl.constexpr = BLOCK * N_PAD
-    tile = tl.arange(0, BLOCK)[:, None] * N_PAD + n[None, :]                  # (BLOCK, N_PAD)
-    program = b * tl.num_programs(1) + block
-    checkpoints = checkpoints_ptr + program * (tl.cdiv(L, SEG) - 1) * TILE    # this program's
     A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, pair, e, n, e_ok, n_ok, E, N,
                                   HAS_BIAS)
     h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
@@ -122,9 +114,6 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
             zt = _load_step(z_ptr, b, e, t, sz_b, sz_e, sz_l, e_ok)
             y = y * zt * tl.sigmoid(zt)
         tl.store(y_ptr + b * sy_b + e * sy_e + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=e_ok)
-        if SAVE:
-            if ((step + 1) % SEG == 0) & (step < L - 1):
-                tl.store(checkpoints + ((step + 1) // SEG - 1) * TILE + tile, h)
 
 
 @triton.jit
@@ -139,8 +128,8 @@ def _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, t, su_b, su_e, su_l, sdt_b, 
 
 @triton.jit
 def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dout_ptr,
-                     checkpoints_ptr, scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, dparams_ptr,
-                     E, L, ROWS_PER_PAIR, SEG,
+                     scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, dparams_ptr, E, L,
+                     ROWS_PER_PAIR, SEG,
                      su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
                      sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, so_b, so_e, so_l,
                      sg_b, sg_e, sg_l,
@@ -152,9 +141,9 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     du, ddt, dz are written with the strides sg_* (one layout for the three). The reductions are
     partial sums the caller adds up, each kind in one buffer so that one sum adds it: over
     channels dB and dC as dBC (b, blocks, 2, N, L), over videos dA, dD and dbias as dparams
-    (b, E, N + 2). The program's checkpoints, from the forward kernel, hold in slot s - 1 the
-    state h_{s SEG - 1} entering segment s; its scratch the SEG - 1 states of the segment being
-    walked.
+    (b, E, N + 2). The program's scratch holds (segments - 1) checkpoints,
+    slot s - 1 the state h_{s SEG - 1} entering segment s, then SEG - 1 states of the segment
+    being walked.
     """
     b = tl.program_id(0).to(tl.int64)
     pair = b // ROWS_PER_PAIR
@@ -168,9 +157,17 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, pair, e, n, e_ok, n_ok, E, N,
                                   HAS_BIAS)
     segments = tl.cdiv(L, SEG)
-    program = b * blocks + block                                  # this program's slots:
-    checkpoints = checkpoints_ptr + program * (segments - 1) * TILE
-    scratch = scratch_ptr + program * (SEG - 1) * TILE
+    scratch = scratch_ptr + (b * blocks + block) * (segments + SEG - 2) * TILE   # this program's
+    walked = segments - 1                                 # first slot of the segment's states
+
+    # forward walk, keeping the checkpoints
+    h = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
+    for t in tl.range(L - 1, num_stages=STAGES):
+        h = _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, _stored_step(t, pair, L), su_b,
+                             su_e, su_l, sdt_b, sdt_e, sdt_l, sB_b, sB_n, sB_l, A, bias, e_ok,
+                             n_ok, h, SOFTPLUS)
+        if (t + 1) % SEG == 0:
+            tl.store(scratch + ((t + 1) // SEG - 1) * TILE + tile, h)
 
     carry = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)     # exp(delta_{t+1} A) g_{t+1}
     dA_sum = tl.zeros((BLOCK, N_PAD), dtype=tl.float32)
@@ -182,15 +179,15 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
         last = tl.minimum(first + SEG, L) - 1
         # the segment's states again from its checkpoint (h_{-1} = 0: the mask, all of
         # tile < s * TILE, is true iff s > 0); h_first .. h_{last-1} to the scratch, h_last kept
-        tl.debug_barrier()   # every thread has read the previous segment's states before
-        #                      this segment's are written
-        h = tl.load(checkpoints + (s - 1) * TILE + tile, mask=tile < s * TILE, other=0.0)
+        tl.debug_barrier()   # every thread has read the previous segment's states, and the
+        #                      checkpoints are written, before this segment's are
+        h = tl.load(scratch + (s - 1) * TILE + tile, mask=tile < s * TILE, other=0.0)
         for t in tl.range(first, last + 1, num_stages=STAGES):
             h = _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, _stored_step(t, pair, L),
                                  su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sB_b, sB_n, sB_l, A,
                                  bias, e_ok, n_ok, h, SOFTPLUS)
             if t < last:
-                tl.store(scratch + (t - first) * TILE + tile, h)
+                tl.store(scratch + (walked + t - first) * TILE + tile, h)
         tl.debug_barrier()   # the reverse walk reads states other threads of the program wrote
 
         for step in tl.range(last + 1 - first, num_stages=STAGES):
@@ -202,13 +199,10 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
             Ct = _load_step(C_ptr, b, n, at, sC_b, sC_n, sC_l, n_ok)
             dy = _load_step(dout_ptr, b, e, at, so_b, so_e, so_l, e_ok)
             # h holds h_t; h_{t-1} is the segment's state before it, or at the segment's first
-            # step its checkpoint (zero at t = 0: the mask is true iff s > 0). Each is read
+            # step its checkpoint (zero at t = 0: the mask is true iff t > 0). Each is read
             # once and becomes h of the next (earlier) step.
-            if t > first:
-                h_prev = tl.load(scratch + (t - first - 1) * TILE + tile)
-            else:
-                h_prev = tl.load(checkpoints + (s - 1) * TILE + tile, mask=tile < s * TILE,
-                                 other=0.0)
+            slot = tl.where(t > first, walked + t - first - 1, s - 1)
+            h_prev = tl.load(scratch + slot * TILE + tile, mask=tile < t * TILE, other=0.0)
             if HAS_Z:
                 zt = _load_step(z_ptr, b, e, at, sz_b, sz_e, sz_l, e_ok)
                 gate = tl.sigmoid(zt)
@@ -257,31 +251,27 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, num_warps,
-                segment, stages, save):
+                segment, stages):
         b, E, L = u.shape
-        N, N_PAD = A.shape[-1], triton.next_power_of_2(A.shape[-1])
+        N = A.shape[-1]
         A, D = A.float().contiguous(), D.float().contiguous()
         bias = delta_bias.float().contiguous() if delta_bias is not None else D
         zz = z if z is not None else u
         y = _channels_last(b, E, L, u)
         grid = (b, triton.cdiv(E, block))
-        # with a backward pass to come: the state entering each segment after the first, per
-        # program (the kernel's doc); a forward pass for inference keeps none
-        segment = min(segment, L)
-        slots = b * grid[1] * (triton.cdiv(L, segment) - 1) * block * N_PAD if save else 0
-        checkpoints = torch.empty(max(slots, 1), device=u.device, dtype=torch.float32)
         _scan_fwd_kernel[grid](
-            u, delta, zz, B, C, A, D, bias, y, checkpoints, E, L, _rows_per_pair(b, A), segment,
+            u, delta, zz, B, C, A, D, bias, y, E, L, _rows_per_pair(b, A),
             *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *y.stride(),
-            N=N, N_PAD=N_PAD, BLOCK=block, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), SAVE=save, STAGES=stages, num_warps=num_warps)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+            N=N, N_PAD=triton.next_power_of_2(N), BLOCK=block, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), STAGES=stages,
+            num_warps=num_warps)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.options = (bool(delta_softplus), block, num_warps, segment, stages)
         return y
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         delta_softplus, block, num_warps, segment, stages = ctx.options
         b, E, L = u.shape
         N = A.shape[-1]
@@ -294,12 +284,14 @@ class _SelectiveScan(torch.autograd.Function):
         du = _channels_last(b, E, L, u)
         ddelta = _channels_last(b, E, L, delta)
         dz = _channels_last(b, E, L, z) if z is not None else du     # unused without z
-        scratch = torch.empty(b * blocks * max(segment - 1, 1) * block * N_PAD, **f32)
+        segment = min(segment, L)
+        slots = triton.cdiv(L, segment) + segment - 2          # per program (the kernel's doc)
+        scratch = torch.empty(b * blocks * max(slots, 1) * block * N_PAD, **f32)
         dBC = torch.empty(b, blocks, 2, N, L, **f32)
         dparams = torch.empty(b, E, N + 2, **f32)
         _scan_bwd_kernel[(b, blocks)](
-            u, delta, zz, B, C, A, D, bias, dout, checkpoints, scratch, du, ddelta, dz, dBC,
-            dparams, E, L, _rows_per_pair(b, A), segment,
+            u, delta, zz, B, C, A, D, bias, dout, scratch, du, ddelta, dz, dBC, dparams, E, L,
+            _rows_per_pair(b, A), segment,
             *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(),
             *dout.stride(), *du.stride(),
             N=N, N_PAD=N_PAD, BLOCK=block, HAS_Z=z is not None,
@@ -313,7 +305,7 @@ class _SelectiveScan(torch.autograd.Function):
         return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD.squeeze(-1),
                 dz if z is not None else None,
                 dbias.squeeze(-1) if delta_bias is not None else None, None, None, None, None,
-                None, None)
+                None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True,
@@ -344,8 +336,5 @@ def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_s
                          f"got {b}")
     if segment < 1:
         raise ValueError(f"selective scan: segment must be at least 1, got {segment}")
-    # checkpoints for a backward pass only when one can follow
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block,
-                                num_warps, segment, stages, save)
+                                num_warps, segment, stages)
