@@ -14,6 +14,8 @@ exact CPU and GPU rankings are compared on the first queries.
 """
 import json
 import os
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -104,7 +106,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     db = synthetic_codes(args.database, args.bits, seed=0)
     queries = synthetic_codes(args.queries, args.bits, seed=1)
-    report = {"command": "python -m tools.bench_index " + " ".join(argv or []),
+    report = {"command": "python -m tools.bench_index " + shlex.join(sys.argv[1:] if argv is None else argv),
               "database": args.database, "queries": args.queries, "bits": args.bits,
               "k": args.k}
     exact = None

@@ -27,7 +27,9 @@ import contextlib
 import functools
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -523,7 +525,7 @@ def main(argv=None):
         raise SystemExit("the benchmark measures GPU speed; no CUDA device is available")
     os.makedirs(args.out, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": "python -m tools.benchmark " + " ".join(argv or [])}
+              "command": "python -m tools.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)}
     if "train" in args.parts or "runs" in args.parts:
         report["train"] = bench_training(args.videos, args.steps, args.rungs)
     if "routes" in args.parts:
