@@ -21,14 +21,25 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(processes, argv, env_extra=None):
+def start_torchrun(processes, argv, env_extra=None):
+    """train.py under torchrun with `processes` processes, started in the background."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
         "OMP_NUM_THREADS": "1", **(env_extra or {})}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", "train.py", *argv]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(child):
+    """The finished child as subprocess.run returns it."""
+    stdout, stderr = child.communicate(timeout=600)
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+def torchrun(processes, argv, env_extra=None):
+    return finish(start_torchrun(processes, argv, env_extra))
 
 
 def options(root, work, *extra):
@@ -42,8 +53,8 @@ def options(root, work, *extra):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     make_tiny_demo(str(root))
-    one = torchrun(1, options(root, "one"))
-    two = torchrun(2, options(root, "two"))
+    started = [start_torchrun(1, options(root, "one")), start_torchrun(2, options(root, "two"))]
+    one, two = (finish(child) for child in started)        # at once: each waits on its start
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     return root, two

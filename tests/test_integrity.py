@@ -297,15 +297,21 @@ def test_written_files_follow_the_umask_and_json_is_strict(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["r.json"]
 
 
-def _killed(code_before, argv):
-    """Run an entry point in a child process that patches the library as `code_before` says,
-    and return its exit status (-9 when it was killed)."""
+def _start_killed(code_before, argv):
+    """Start an entry point in a child process that patches the library as `code_before` says."""
     program = (f"import os, signal, sys, runpy\n{code_before}\n"
                f"sys.argv = {argv!r}\nrunpy.run_path({argv[0]!r}, run_name='__main__')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    return subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([sys.executable, "-c", program], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _killed(code_before, argv):
+    """`_start_killed`, waited for: the finished process (returncode -9 when it was killed)."""
+    child = _start_killed(code_before, argv)
+    stdout, stderr = child.communicate(timeout=600)
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
 
 
 KILL_ON_THIRD_ARTIFACT = """
@@ -622,24 +628,26 @@ target.end_epoch = patched
 """
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_a_signal_saves_and_gives_the_resume_command(data, signal_name):
+def test_a_signal_saves_and_gives_the_resume_command(data):
     argv = ["--config", DEMO_CONFIG, "--no-progress", *options(
         data, "train.num_epochs=4", "train.checkpoint_seconds=1000")]
-    train_script.main(argv)
-    shutil.move(str(data / "runs" / "demo_16bits"), str(data / "full"))
-    child = _killed(KILL_WITH_SIGNAL_AFTER_EPOCH_2.replace("{signal}", signal_name),
-                    ["train.py", *argv])
-    run_dir = data / "runs" / "demo_16bits"
-    assert child.returncode == 2, child.stderr
-    assert child.stderr.count("\n") == 1 and child.stderr.startswith(f"error: interrupted by "
-                                                                     f"{signal_name}")
-    assert f"continue with: python train.py --resume {run_dir}" in child.stderr
-    assert load_checkpoint(str(run_dir / "last.pth"))["epoch"] == 2
-    train_script.main(["--resume", str(run_dir), "--no-progress"])
-    a, b = (load_checkpoint(str(d / "last.pth")) for d in (data / "full", run_dir))
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    train_script.main([*argv, "--work-dir", str(data / "full")])
+    signals = ("SIGINT", "SIGTERM")
+    children = [_start_killed(KILL_WITH_SIGNAL_AFTER_EPOCH_2.replace("{signal}", name),
+                              ["train.py", *argv, "--work-dir", str(data / name)])
+                for name in signals]                    # at once: each waits on its start
+    for name, child in zip(signals, children):
+        _, stderr = child.communicate(timeout=600)
+        run_dir = data / name / "demo_16bits"
+        assert child.returncode == 2, stderr
+        assert stderr.count("\n") == 1 and stderr.startswith(f"error: interrupted by {name}")
+        assert f"continue with: python train.py --resume {run_dir}" in stderr
+        assert load_checkpoint(str(run_dir / "last.pth"))["epoch"] == 2
+        train_script.main(["--resume", str(run_dir), "--no-progress"])
+        a, b = (load_checkpoint(str(d / "demo_16bits" / "last.pth"))
+                for d in (data / "full", data / name))
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), (name, key)
 
 
 def test_eval_clears_the_leftovers_of_a_killed_eval(data, capsys):
