@@ -288,13 +288,6 @@ def bidirectional_mamba(forward_mixer, backward_mixer, hidden):
     are one call each on a pair of directions (`selective_scan_ref`'s doc), so nothing is
     flipped and each kernel is launched once for both.
     hidden: (2, b, L, d) -> (2, b, L, d), both in time order."""
-    if forward_mixer.scan is selective_scan_recompute and torch.is_grad_enabled():
-        return checkpoint(_bidirectional_block, forward_mixer, backward_mixer, hidden,
-                          use_reentrant=False)        # as MambaMixer.forward on the plain path
-    return _bidirectional_block(forward_mixer, backward_mixer, hidden)
-
-
-def _bidirectional_block(forward_mixer, backward_mixer, hidden):
     pair, b, length, d_model = hidden.shape
     first = forward_mixer
 
