@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+# the pair convention and the output layout are the scan's, so the two kernels agree on them
+from model.scan_triton import _channels_last, _rows_per_pair, _stored_step
+
 # Channels per program, warps per program and steps of every time loop in flight at once
 # (Triton's software pipelining of the loop's loads; 1: none ahead): the fastest of 32-256
 # channels x 1/2/4 warps x 1/2/3 stages at S5VH's training shapes on an H200
@@ -28,12 +31,6 @@ STAGES = 1
 def _tap(w_ptr, e, e_ok, k, K: tl.constexpr):
     """Tap k of a block of channels' weights: (BLOCK,) float32 (read once per step; cached)."""
     return tl.load(w_ptr + e * K + k, mask=e_ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _stored_step(t, pair, L):
-    """Where step t is stored: t, or L - 1 - t in a pair's time-reversed half."""
-    return t + pair * (L - 1 - 2 * t)
 
 
 @triton.jit
@@ -114,16 +111,6 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr
     params = dparams_ptr + b * (E * K + E)                    # this video's dw (E, K), dbias
     tl.store(params + e[:, None] * K + taps, dw, mask=e_ok[:, None] & (taps < K))
     tl.store(params + E * K + e, dbias, mask=e_ok)
-
-
-def _rows_per_pair(b, weight):
-    """Rows of each direction: b when weight is (E, K), b / 2 when it is a pair's (2, E, K)."""
-    return b // 2 if weight.ndim == 3 else b
-
-
-def _channels_last(b, E, L, like):
-    """An empty (b, E, L) tensor like `like`, stored (b, L, E): the layout the projections use."""
-    return torch.empty(b, L, E, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
 class _CausalConvSiLU(torch.autograd.Function):

@@ -72,7 +72,8 @@ def _channel_params(A_ptr, D_ptr, bias_ptr, pair, e, n, e_ok, n_ok, E, N: tl.con
 
 @triton.jit
 def _stored_step(t, pair, L):
-    """Where step t of the recurrence is stored: t, or L - 1 - t in the time-reversed half."""
+    """Where step t of a walk through time is stored: t, or L - 1 - t in a pair's time-reversed
+    half."""
     return t + pair * (L - 1 - 2 * t)
 
 
@@ -237,9 +238,10 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
     tl.store(params + N + 1, dbias_sum, mask=e_ok)
 
 
-def _rows_per_pair(b, A):
-    """Rows of each direction: b when A is (E, N), b / 2 when it is a pair's (2, E, N)."""
-    return b // 2 if A.ndim == 3 else b
+def _rows_per_pair(b, params):
+    """Rows of each direction: b for one parameter set (A: (E, N), a convolution's weight:
+    (E, K)), b / 2 for a pair's (2, E, N) or (2, E, K)."""
+    return b // 2 if params.ndim == 3 else b
 
 
 def _channels_last(b, E, L, like):
