@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 # the pair convention and the output layout are the scan's, so the two kernels agree on them
-from model.scan_triton import _channels_last, _rows_per_pair, _stored_step
+from model.scan_triton import PER_BATCH_ARGS, _channels_last, _rows_per_pair, _stored_step
 
 # Channels per program, warps per program and steps of every time loop in flight at once
 # (Triton's software pipelining of the loop's loads; 1: none ahead): the fastest of 32-256
@@ -52,7 +52,7 @@ def _pre_activation(x_ptr, w_ptr, bias, b, e, t, pair, L, sx_b, sx_e, sx_l, e_ok
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, E, L, ROWS_PER_PAIR, sx_b, sx_e, sx_l,
                      sy_b, sy_e, sy_l, K: tl.constexpr, BLOCK: tl.constexpr,
                      STAGES: tl.constexpr):
@@ -69,7 +69,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, E, L, ROWS_PER_PAIR, sx_b, s
                  y.to(y_ptr.dtype.element_ty), mask=e_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dx_ptr, dparams_ptr, E, L,
                      ROWS_PER_PAIR, sx_b, sx_e, sx_l, sdy_b, sdy_e, sdy_l, sdx_b, sdx_e, sdx_l,
                      K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,

@@ -41,6 +41,10 @@ NUM_WARPS = 1
 SEGMENT = 5
 STAGES = 3
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)   # as torch.nn.functional.softplus: identity above it
+# Arguments that change with the batch (a full one, an epoch's last, an evaluation chunk) are
+# not specialised on (== 1, divisible by 16): each kind of value would compile the kernel again
+# (one ucf_dev run compiled 16 kernels in 10 s on an H200 with an empty Triton cache)
+PER_BATCH_ARGS = ["ROWS_PER_PAIR"]
 
 
 @triton.jit
@@ -87,7 +91,7 @@ def _input_and_step(u_ptr, dt_ptr, b, e, t, su_b, su_e, su_l, sdt_b, sdt_e, sdt_
     return u, dt_in, dt
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, y_ptr,
                      E, L, ROWS_PER_PAIR,
                      su_b, su_e, su_l, sdt_b, sdt_e, sdt_l, sz_b, sz_e, sz_l,
@@ -127,7 +131,7 @@ def _recurrence_step(u_ptr, dt_ptr, B_ptr, b, e, n, t, su_b, su_e, su_l, sdt_b, 
     return tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dout_ptr,
                      scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, dparams_ptr, E, L,
                      ROWS_PER_PAIR, SEG,
