@@ -36,7 +36,7 @@ from utils.cli import CommandParser, run_cli
 from utils.config import build_config, check_code_lengths, check_distinct, config_fingerprint
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.fileio import atomic_path, atomic_write_text, write_json
+from utils.fileio import atomic_path, atomic_write_text, file_identity, write_json
 from utils.log import get_logger
 
 logger = get_logger("tools.paper")
@@ -99,6 +99,7 @@ class Experiment:
         self.device = resolve_device(base.train.device)
         self.concurrent, self.progress = concurrent, progress
         self.shared = None      # resident features kept across its trainings (run_together)
+        self.codes = {}         # _codes by checkpoint and config, shared by run_together
 
     def cfg(self, *overrides, config=None):
         return build_config(config or self.config, [*self.options, *overrides])
@@ -617,10 +618,19 @@ def tsne_figure(points, classes, title):
 
 
 def _codes(exp, nbits, seed):
-    """Query/database codes and labels of S5VH (the main run), ITQ and LSH on the test protocol."""
+    """Query/database codes and labels of S5VH (the main run), ITQ and LSH on the test protocol
+    (made once for the curves and the t-SNE of one checkpoint and config)."""
     exp.train(main_runs(exp, [nbits], [seed]))
     cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}")
     checkpoint = os.path.join(exp.run_dir(s5vh_run_name(nbits, seed)), "best.pth")
+    key = (os.path.realpath(checkpoint), tuple(file_identity(checkpoint)),
+           config_fingerprint(cfg))
+    if key not in exp.codes:
+        exp.codes[key] = _made_codes(exp, cfg, checkpoint, nbits, seed)
+    return exp.codes[key]
+
+
+def _made_codes(exp, cfg, checkpoint, nbits, seed):
     _, db_codes, query_codes = evaluate_checkpoint(cfg, checkpoint, exp.device)
     train, (db_feats, db_labels), (query_feats, query_labels) = mean_pooled_sets(cfg)
     codes = {"S5VH": (db_codes.astype(np.float32), query_codes.astype(np.float32))}
@@ -830,9 +840,9 @@ def run_together(names, args):
     {experiment: what it returns}."""
     experiments = {name: Experiment(name, args.config, args.cfg_options, args.out,
                                     args.concurrent, not args.no_progress) for name in names}
-    shared = {}             # the features are read and moved to the device once
+    shared, codes = {}, {}  # the features are read and moved to the device once
     for exp in experiments.values():
-        exp.shared = shared
+        exp.shared, exp.codes = shared, codes
     outputs = {}
     for name in [name for name in names if name in TIMED_ALONE]:
         began = time.perf_counter()
