@@ -1,8 +1,5 @@
 """AdamW and the cosine learning-rate schedule of docs/method.md §6."""
-import importlib
 import math
-import sys
-import threading
 
 import torch
 
@@ -20,22 +17,6 @@ def build_optimizer(cfg, model, criterion, graphs=False):
     return torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                              fused=fused or None, foreach=None if fused else False,
                              capturable=graphs)
-
-
-def import_optimizer_modules_in_background():
-    """Start importing torch._dynamo on a thread of its own. torch's optimizers import it when
-    they are made (torch._disable_dynamo wraps Optimizer.add_param_group), 4 s on an H200 host;
-    the runner starts this before it reads a run's inputs, whose work mostly runs without the
-    GIL (h5py's decompression, k-means, copies to the GPU), so the two overlap."""
-    if "torch._dynamo" not in sys.modules:
-        threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True).start()
-
-
-def _import_quietly(name):
-    try:
-        importlib.import_module(name)
-    except Exception:       # the optimizer's own import then raises it where it is needed
-        pass
 
 
 def cosine_lr(cfg, epoch):

@@ -35,8 +35,7 @@ from optim.distributed import (ShardError, agree, any_process, lost_process,
                                mean_over_processes)
 from optim.engine import (TrainStep, draw_step_inputs, step_examples, train_one_epoch,
                           training_loss)
-from optim.optimizer import (build_optimizer, cosine_lr, import_optimizer_modules_in_background,
-                             load_optimizer_state, set_epoch_lr)
+from optim.optimizer import build_optimizer, cosine_lr, load_optimizer_state, set_epoch_lr
 from optim.run_dir import (CONFIG_FILE, RunDirError, RunLog, check_fresh, check_run_inputs,
                            empty, finished_results, input_digests, new_run_id, read_log,
                            read_run_config, rewrite_log, write_run_config)
@@ -701,7 +700,6 @@ def train_runs(jobs, progress=True, concurrent=None, shard=None, shared=None):
         raise ShardError(f"several processes train one run together; {len(jobs)} runs were "
                          f"asked for (give one code length and one seed)")
     concurrent = concurrent or len(jobs)
-    import_optimizer_modules_in_background()
     results = {}
     shared = {} if shared is None else shared      # resident features, loaded once
     writer = CheckpointWriter()
