@@ -14,8 +14,6 @@ exact CPU and GPU rankings are compared on the first queries.
 """
 import json
 import os
-import shlex
-import sys
 import time
 
 import numpy as np
@@ -23,7 +21,7 @@ import torch
 
 from inference.index import CodeIndex, import_faiss, pack_codes
 from inference.metrics import rank_topk
-from utils.cli import command_parser
+from utils.cli import command_line, command_parser
 from utils.fileio import write_json
 
 
@@ -106,7 +104,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     db = synthetic_codes(args.database, args.bits, seed=0)
     queries = synthetic_codes(args.queries, args.bits, seed=1)
-    report = {"command": "python -m tools.bench_index " + shlex.join(sys.argv[1:] if argv is None else argv),
+    report = {"command": command_line("python -m tools.bench_index", argv),
               "database": args.database, "queries": args.queries, "bits": args.bits,
               "k": args.k}
     exact = None

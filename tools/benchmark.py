@@ -27,9 +27,7 @@ import contextlib
 import functools
 import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
@@ -44,7 +42,7 @@ from model.s5vh import BidirectionalLayer, build_model, gather_frames
 from optim.engine import TrainStep, draw_step_inputs, epoch_generator, full_view_logits
 from optim.optimizer import build_optimizer
 from optim.runner import Job, train_runs
-from utils.cli import command_parser
+from utils.cli import command_line, command_parser
 from utils.config import build_config
 from utils.fileio import write_json
 
@@ -525,7 +523,7 @@ def main(argv=None):
         raise SystemExit("the benchmark measures GPU speed; no CUDA device is available")
     os.makedirs(args.out, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": "python -m tools.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)}
+              "command": command_line("python -m tools.benchmark", argv)}
     if "train" in args.parts or "runs" in args.parts:
         report["train"] = bench_training(args.videos, args.steps, args.rungs)
     if "routes" in args.parts:

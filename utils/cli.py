@@ -1,6 +1,7 @@
 """Entry-point wrapper: logging set up once; user errors and signals end with one line on stderr,
 exit code 2."""
 import argparse
+import shlex
 import sys
 
 from utils.errors import Interrupted, UserError
@@ -35,6 +36,12 @@ def command_parser(prog, doc):
     description, _, rest = doc.strip().partition("\n\n")
     return CommandParser(prog=prog, description=description, epilog=rest,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def command_line(prog, argv=None):
+    """The command as it was given, for a result file: `prog` and its arguments (`argv`, or the
+    process's own when None)."""
+    return f"{prog} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def run_cli(main):
