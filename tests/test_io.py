@@ -41,6 +41,7 @@ def test_row_lists_read_each_storage_chunk_once_in_any_order(tmp_path, monkeypat
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f.create_dataset("feats", data=data, chunks=chunks, compression="gzip" if chunks else None)
     monkeypatch.setattr("dataset.io.SPAN_ROWS", 6)     # spans split at this file's scale
+    monkeypatch.setattr("dataset.io.DECODED_CACHE_BYTES", 0)   # a file too large to keep
     rows = np.array([39, 0, 1, 2, 5, 6, 17, 16, 30, 31, 32, 33, 34, 35, 36, 5, 38])
     with FeatureFile(str(tmp_path / "f.h5")) as f:
         stored, slices = f._data, []
@@ -61,6 +62,30 @@ def test_row_lists_read_each_storage_chunk_once_in_any_order(tmp_path, monkeypat
         assert np.array_equal(f.read(rows), data[rows].astype(np.float32))
         assert f.read(np.array([], dtype=int)).shape == (0, 2, 3)
         assert np.array_equal(f.read(np.arange(40)[::-1]), data[::-1].astype(np.float32))
+
+
+def test_a_small_file_is_decompressed_once_per_version(tmp_path, monkeypatch):
+    """Rows of a file small enough to keep come from one decompressed copy, which a caller
+    cannot change; a replaced file is read again."""
+    path = str(tmp_path / "f.h5")
+    data = _feats(path, shape=(10, 2, 3), dtype=np.float16)
+    reads = []
+    original = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__",
+                        lambda self, where: reads.append(where) or original(self, where))
+    with FeatureFile(path) as f:
+        block = f.read(slice(2, 5), dtype=None)
+        block[:] = 0                                      # the caller's own array
+        assert np.array_equal(f.read(slice(2, 5), dtype=None), data[2:5])
+        assert np.array_equal(f.read(np.array([9, 0, 9])), data[[9, 0, 9]].astype(np.float32))
+    assert np.array_equal(read_features(path, rows=[3, 1]), data[[3, 1]].astype(np.float32))
+    assert len(reads) == 1
+    replaced = tmp_path / "g.h5"
+    new = _feats(replaced, shape=(10, 2, 3), dtype=np.float16) + 1
+    with h5py.File(replaced, "w") as f:
+        f.create_dataset("feats", data=new)
+    os.replace(replaced, path)
+    assert np.array_equal(read_features(path), new.astype(np.float32)) and len(reads) == 2
 
 
 @pytest.mark.parametrize("make, kwargs, message", [
