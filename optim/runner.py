@@ -105,6 +105,7 @@ class Run:
     last_save: float = 0.0
     saved_epoch: Optional[int] = None            # epoch of the last last.pth submitted
     epochs_done: int = 0
+    concurrent_runs: int = 1                     # runs this process steps beside it, itself too
     timing: dict = field(default_factory=dict)   # seconds of the set-up's phases, first epoch
     prefix: str = ""                             # console prefix when several runs train
     shard: object = None                         # optim.distributed.Shard, several processes
@@ -353,7 +354,8 @@ def end_epoch(run, epoch, means, began, writer, stopping):
     before its checkpoint. Only the writing process evaluates and saves."""
     t, done = run.cfg.train, epoch + 1
     record = {"run_id": run.run_id, "epoch": done, "lr": cosine_lr(run.cfg, epoch),
-              "train_seconds": round(time.perf_counter() - began, 4)}
+              "train_seconds": round(time.perf_counter() - began, 4),
+              "concurrent_runs": run.concurrent_runs}
     if epoch == run.start_epoch:            # compilation and graph capture happen here
         run.timing["first epoch"] = record["train_seconds"]
     losses = _stats_to_host(run, means)
@@ -504,6 +506,7 @@ def _lockstep(runs, writer, stop, bar):
     results = {}
     while active:
         for run_dir, (run, steps) in list(active.items()):
+            run.concurrent_runs = len(active)       # its epochs' seconds are shared with them
             with run.on_stream():
                 try:
                     next(steps)

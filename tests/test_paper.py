@@ -248,20 +248,32 @@ def test_together_trains_every_run_in_one_group_and_writes_what_each_command_wou
 
 def test_together_trains_the_timed_experiments_first_one_run_at_a_time(root, caplog):
     """`together backbones main`: the backbones' runs train one at a time, each finished before
-    the next is set up and all before the main table's run is, and their table is the one the
-    separate command writes (but for the seconds per epoch)."""
+    the next is set up; the configured backbone's run is the main table's, which `main` then
+    reports without training it again. Where that run trained beside others, `backbones`
+    trains the backbone alone under its own name. The tables are equal but for the seconds per
+    epoch."""
     caplog.clear()
     together = paper.main(["together", "backbones", "main", "--config", DEMO_CONFIG, "--out",
                            str(root / "timed"), "--bits", "16", "--seeds", "1",
                            "--cfg-options", f"data_root={str(root)!r}", *TINY,
                            "train.num_epochs=2"])
     lines = [line for line in caplog.text.splitlines() if "set-up:" in line or "finished:" in line]
-    names = [f"{mixer}_16bits_seed1" for mixer in paper.BACKBONES] + ["s5vh_16bits_seed1"]
+    names = ["s5vh_16bits_seed1"] + [f"{mixer}_16bits_seed1" for mixer in paper.BACKBONES[1:]]
     # a run trained by itself has no name before its lines: the main table's one
-    order = [(next((n for n in names if n in line), names[-1]), "set-up:" in line)
+    order = [(next((n for n in names[1:] if n in line), names[0]), "set-up:" in line)
              for line in lines]
     assert order == [(name, first) for name in names for first in (True, False)]
+    assert "s5vh_16bits_seed1: the run is already finished" in caplog.text
+    timed = root / "timed" / "runs"
+    assert sorted(os.listdir(timed)) == sorted(names)
+    log = [json.loads(line) for line in open(timed / "s5vh_16bits_seed1" / "log.jsonl")]
+    assert [r["concurrent_runs"] for r in log] == [1, 1]
+    call(root, "main", "--bits", "16", "--seeds", "1", "2")     # seeds 1 and 2 together
     separate = call(root, "backbones", "--bits", "16")
+    log = [json.loads(line) for line in open(root / "out" / "runs" / "s5vh_16bits_seed1" /
+                                             "log.jsonl")]
+    assert {r["concurrent_runs"] for r in log} == {2}
+    assert (root / "out" / "runs" / "mamba_16bits_seed1" / "results.json").exists()
     strip = [{k: v for k, v in row.items() if k != "seconds_per_epoch"} for row in separate]
     assert [{k: v for k, v in row.items() if k != "seconds_per_epoch"}
             for row in together["backbones"]] == strip

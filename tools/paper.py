@@ -30,10 +30,11 @@ from dataset.protocol import check_inputs
 from inference.baselines import baseline_codes
 from inference.evaluate import evaluate_baselines, evaluate_checkpoint, mean_pooled_sets
 from inference.metrics import precision_recall_by_radius, retrieval_metrics
-from optim.run_dir import read_log, read_run_config
+from optim.run_dir import CONFIG_FILE, read_log, read_run_config
 from optim.runner import plan_run, train_runs
 from utils.cli import CommandParser, run_cli
-from utils.config import build_config, check_code_lengths, check_distinct, config_fingerprint
+from utils.config import (build_config, check_code_lengths, check_distinct, config_fingerprint,
+                          same_experiment)
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.fileio import atomic_path, atomic_write_text, file_identity, write_json
@@ -203,32 +204,63 @@ def run_main(exp, bits, seeds):
     return rows
 
 
-def _variant_run_name(name, overrides, nbits, seed):
-    """A variant that changes nothing is S5VH as configured: the main table's run."""
-    return f"{name}_{nbits}bits_seed{seed}" if overrides else s5vh_run_name(nbits, seed)
+def _variant_run_name(exp, name, cfg, configured, nbits, seed, timed=False):
+    """The run of variant `name` (config `cfg`): the main table's when `cfg` is S5VH's as
+    configured (`configured`), unless the variant's epochs are timed (`timed`) and that run
+    trained beside others."""
+    main = s5vh_run_name(nbits, seed)
+    if config_fingerprint(cfg) == config_fingerprint(configured) and \
+            not (timed and _trained_beside_others(exp.run_dir(main), cfg)):
+        return main
+    return f"{name}_{nbits}bits_seed{seed}"
+
+
+def _trained_beside_others(run_dir, cfg):
+    """Whether the run of `cfg` that `run_dir` holds (if any) stepped beside other runs in
+    some epoch, so that its epochs' seconds are not its own."""
+    if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+        return False
+    saved, record = read_run_config(run_dir)
+    if not same_experiment(saved, cfg):      # it would be replaced by a fresh run
+        return False
+    return any(r.get("concurrent_runs") != 1
+               for r in read_log(os.path.join(run_dir, "log.jsonl"), record["run_id"]))
+
+
+def _variant_plan(exp, variants, nbits, seeds, timed=False):
+    """{(variant, seed): (run name, cfg)}; inputs checked."""
+    exp.check(exp.cfg(f"nbits={nbits}"))
+    configured = {seed: exp.cfg(f"nbits={nbits}", f"seed={seed}") for seed in seeds}
+    plan = {}
+    for name, _, overrides in variants:
+        for seed in seeds:
+            cfg = exp.cfg(f"nbits={nbits}", f"seed={seed}", *overrides)
+            plan[name, seed] = (_variant_run_name(exp, name, cfg, configured[seed], nbits,
+                                                  seed, timed), cfg)
+    return plan
 
 
 def variant_runs(exp, variants, nbits, seeds):
     """The runs {name: cfg} of every variant on every seed; inputs checked."""
-    exp.check(exp.cfg(f"nbits={nbits}"))
-    return {_variant_run_name(name, overrides, nbits, seed):
-            exp.cfg(f"nbits={nbits}", f"seed={seed}", *overrides)
-            for name, _, overrides in variants for seed in seeds}
+    return dict(_variant_plan(exp, variants, nbits, seeds).values())
 
 
-def _variant_table(exp, variants, nbits, seeds, extra=None, concurrent=None):
-    """Train every variant on every seed; rows with per-seed and mean mAP@R."""
+def _variant_table(exp, variants, nbits, seeds, extra=None, timed=False):
+    """Train every variant on every seed (one at a time when `timed`); rows with per-seed and
+    mean mAP@R."""
     topk = tuple(exp.cfg().eval.topk)
-    trained = exp.train(variant_runs(exp, variants, nbits, seeds), concurrent)
+    plan = _variant_plan(exp, variants, nbits, seeds, timed)
+    trained = exp.train(dict(plan.values()), concurrent=1 if timed else None)
+    names = {key: run for key, (run, _) in plan.items()}
     rows = []
     for name, description, overrides in variants:
-        results = [trained[_variant_run_name(name, overrides, nbits, seed)] for seed in seeds]
+        results = [trained[names[name, seed]] for seed in seeds]
         per_seed = [r["test_mAP"] for r in results]
         row = {"variant": name, "description": description, "overrides": overrides,
                "per_seed": per_seed,
                "mean": {k: statistics.mean(s[k] for s in per_seed) for k in topk}}
         if extra:
-            row.update(extra(name, results))
+            row.update(extra([exp.run_dir(names[name, seed]) for seed in seeds], results))
         rows.append(row)
     return rows, topk
 
@@ -257,17 +289,16 @@ def _epoch_seconds(run_dir):
 def run_backbones(exp, nbits, seeds):
     variants = [(mixer, f"{mixer} mixers in the same layer", [f"model.mixer='{mixer}'"])
                 for mixer in BACKBONES]
-    overrides = {name: changes for name, _, changes in variants}
 
-    def extra(name, results):
-        dirs = [exp.run_dir(_variant_run_name(name, overrides[name], nbits, seed))
-                for seed in seeds]
-        return {"seconds_per_epoch": statistics.mean(_epoch_seconds(d) for d in dirs),
+    def extra(run_dirs, results):
+        return {"seconds_per_epoch": statistics.mean(_epoch_seconds(d) for d in run_dirs),
                 "parameters": results[0]["runtime"]["parameters"],
                 "implementation": results[0]["runtime"]["mixer"]}
 
-    # one at a time: the seconds per epoch must not include other runs' share of the GPU
-    rows, topk = _variant_table(exp, variants, nbits, seeds, extra, concurrent=1)
+    # one at a time: the seconds per epoch must not include other runs' share of the GPU (the
+    # configured backbone's runs are the main table's, trained here first or, if trained
+    # beside others already, again under the backbone's name)
+    rows, topk = _variant_table(exp, variants, nbits, seeds, extra, timed=True)
     table = [[r["variant"], r["implementation"], f"{r['parameters']:,}",
               f"{r['seconds_per_epoch']:.3f}"] + [f"{r['mean'][k]:.4f}" for k in topk]
              for r in rows]
