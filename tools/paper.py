@@ -728,8 +728,9 @@ EXPERIMENTS = {
     "backbones": ("backbone comparison: mAP, seconds per epoch, parameters",
                   f"Trains the S5VH layer with each mixer ({', '.join(BACKBONES)}) per seed at "
                   f"one code length ({len(BACKBONES)} runs with seed 1, trained one at a time so "
-                  "that the seconds per epoch are each run's own) and writes backbones.json and "
-                  "backbones.md."),
+                  "that the seconds per epoch are each run's own; the configured mixer's run is "
+                  "the main table's, unless that one trained beside other runs) and writes "
+                  "backbones.json and backbones.md."),
     "transfer": ("a model trained on one data set, evaluated on another",
                  "Trains one run on --source and one on --target (same frame features), scores "
                  "the source's model on the target's protocol, and writes transfer.json, "
@@ -890,7 +891,8 @@ def run_together(names, args):
             runs[run] = cfg
     began = time.perf_counter()
     next(iter(experiments.values())).train(runs)
-    logger.info(f"{len(runs)} runs trained together in {time.perf_counter() - began:.1f}s")
+    logger.info(f"{len(runs)} runs trained together in {time.perf_counter() - began:.1f}s "
+                f"(a run finished before is reported, not trained again)")
     for name, exp in experiments.items():     # the runs are trained: what remains is the reports
         began = time.perf_counter()
         outputs[name] = run_experiment(name, exp, args)
