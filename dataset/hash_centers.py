@@ -31,10 +31,6 @@ def min_distance(nbits, nclusters):
     return nbits
 
 
-def _sign(x):
-    return np.where(x >= 0, 1.0, -1.0)
-
-
 def hamming_matrix(centers):
     """(K, B) ±1 -> (K, K) pairwise Hamming distances."""
     return (centers.shape[1] - centers @ centers.T) / 2
