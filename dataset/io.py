@@ -6,7 +6,6 @@ through h5py), (N, C) one-hot or multi-hot. Every check raises `DataError` namin
 """
 import io
 import os
-from collections import OrderedDict
 
 import h5py
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 from utils.errors import UserError
 from utils.fileio import atomic_path, check_file, ensure_space, write_bytes
+from utils.memo import ArrayCache
 
 
 class DataError(UserError):
@@ -29,7 +29,7 @@ SPAN_ROWS = 256
 # up to four times (the value check, the mean pooling, the resident training and evaluation
 # copies), and each read of ucf_dev's 158 MB file took 1.3-1.8 s on the H200 host.
 DECODED_CACHE_BYTES = 2 ** 29
-_decoded = OrderedDict()      # (real path, identity, key) -> read-only array as stored
+_decoded = ArrayCache(DECODED_CACHE_BYTES)   # (real path, identity, key) -> array as stored
 
 
 class FeatureFile:
@@ -98,15 +98,8 @@ class FeatureFile:
         it takes at most DECODED_CACHE_BYTES (else None); the least recently used go first."""
         if np.prod(self.shape) * self._data.dtype.itemsize > DECODED_CACHE_BYTES:
             return None
-        if self._version in _decoded:
-            _decoded.move_to_end(self._version)
-            return _decoded[self._version]
-        stored = self._data[()]
-        stored.setflags(write=False)
-        _decoded[self._version] = stored
-        while sum(a.nbytes for a in _decoded.values()) > DECODED_CACHE_BYTES:
-            _decoded.popitem(last=False)
-        return stored
+        stored = _decoded.get(self._version)
+        return stored if stored is not None else _decoded.put(self._version, self._data[()])
 
     def _read_sorted(self, rows):
         """Rows `rows` (sorted, unique) as stored. Each storage chunk holding one of them is read

@@ -1,7 +1,6 @@
 """Which videos are trained on, searched and used as queries, per dataset protocol
 (docs/method.md §3). Shapes: N videos, M frames, D feature size, C classes."""
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,12 +10,13 @@ import torch
 from dataset.io import DataError, FeatureFile, check_finite, read_features, read_labels
 from utils.config import PROTOCOL_FILES
 from utils.content_hash import cached_fact, file_sha256
+from utils.memo import ArrayCache
 
 PROTOCOLS = ("train_as_database", "separate", "all_vs_all", "holdout")
 # Mean-pooled sets a process keeps, by the content of their file, up to this many bytes: the
 # clustering of every seed and the baselines of every seed and code length pool the same videos
 POOLED_CACHE_BYTES = 2 ** 30
-_pooled = OrderedDict()
+_pooled = ArrayCache(POOLED_CACHE_BYTES)
 
 
 @dataclass
@@ -68,16 +68,12 @@ class VideoSet:
         kept for the next call on a file of the same content (POOLED_CACHE_BYTES)."""
         key = (file_sha256(self.path), self.key, self.rows.tobytes(), cfg.max_frames,
                cfg.feature_size)
-        if key in _pooled:
-            _pooled.move_to_end(key)
-            return _pooled[key]
+        pooled = _pooled.get(key)
+        if pooled is not None:
+            return pooled
         out = np.empty((len(self), cfg.feature_size), dtype=np.float32)
         self._fill(out, self.iter_blocks(cfg, chunk), lambda block: block.mean(axis=1))
-        out.setflags(write=False)
-        _pooled[key] = out
-        while sum(a.nbytes for a in _pooled.values()) > POOLED_CACHE_BYTES and len(_pooled) > 1:
-            _pooled.popitem(last=False)
-        return out
+        return _pooled.put(key, out)
 
 
 def holdout_split(n, fraction, seed):

@@ -88,6 +88,18 @@ def test_a_small_file_is_decompressed_once_per_version(tmp_path, monkeypatch):
     assert np.array_equal(read_features(path), new.astype(np.float32)) and len(reads) == 2
 
 
+def test_array_cache_keeps_the_most_recently_used_within_its_bytes():
+    from utils.memo import ArrayCache
+    cache = ArrayCache(max_bytes=200)
+    a, b, c = (np.zeros(10) for _ in range(3))             # 80 bytes each
+    cache.put("a", a), cache.put("b", b)
+    assert cache.get("a") is a and not a.flags.writeable
+    cache.put("c", c)                                       # 240 bytes: b, least recent, goes
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    big = cache.put("big", np.zeros(100))                   # alone over the budget: kept alone
+    assert cache.get("big") is big and cache.get("a") is None and cache.get("c") is None
+
+
 @pytest.mark.parametrize("make, kwargs, message", [
     (lambda p: None, {}, "feature file not found"),
     (lambda p: _feats(p, key="x"), {}, r"no dataset 'feats' \(keys present: \['x'\]\)"),
