@@ -6,6 +6,7 @@ through h5py), (N, C) one-hot or multi-hot. Every check raises `DataError` namin
 """
 import io
 import os
+import warnings
 
 import h5py
 import numpy as np
@@ -76,9 +77,7 @@ class FeatureFile:
         (None: all rows)."""
         stored = self._decoded()
         if stored is not None:
-            out = stored[slice(None) if rows is None else rows]
-            if not out.flags.writeable:         # a view of the kept copy: the caller's own
-                out = out.copy()
+            out = stored[slice(None) if rows is None else rows]     # may be a read-only view
         elif rows is None:
             out = self._data[()]
         elif isinstance(rows, slice):
@@ -87,10 +86,13 @@ class FeatureFile:
             unique, inverse = np.unique(np.asarray(rows), return_inverse=True)
             out = self._read_sorted(unique)[inverse]
         if dtype is None or out.dtype == dtype:
-            return out
+            return out if out.flags.writeable else out.copy()      # the caller's own
         if out.dtype == np.float16 and dtype == np.float32:
-            # exact either way; torch's conversion is several times faster than numpy's
-            return torch.from_numpy(out).float().numpy()
+            # exact either way; torch's conversion is several times faster than numpy's, and
+            # only reads `out`
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                return torch.from_numpy(out).float().numpy()
         return out.astype(dtype)
 
     def _decoded(self):
@@ -154,10 +156,10 @@ MAX_ABS_FEATURE = 1e6
 
 def check_finite(block, path, key="feats", offset=0):
     """Raise when `block` holds NaN/Inf or values beyond ±MAX_ABS_FEATURE, with their count and
-    the first video row."""
+    the first video row. `block` may be of any float dtype."""
     bad = ~np.isfinite(block)
     what = "NaN/Inf values"
-    if not bad.any():
+    if not bad.any() and float(np.finfo(block.dtype).max) > MAX_ABS_FEATURE:   # not float16
         bad = np.abs(block) > MAX_ABS_FEATURE
         what = f"values beyond ±{MAX_ABS_FEATURE:g}"
     if bad.any():

@@ -1,13 +1,14 @@
 import os
 import re
+import warnings
 
 import h5py
 import numpy as np
 import pytest
 import scipy.io
 
-from dataset.io import (DataError, FeatureFile, read_features, read_labels, read_matrix,
-                        write_features, write_labels, write_matrix)
+from dataset.io import (DataError, FeatureFile, check_finite, read_features, read_labels,
+                        read_matrix, write_features, write_labels, write_matrix)
 from dataset.protocol import holdout_split, retrieval_sets, train_set
 from tests.conftest import tiny_config
 from utils.errors import UserError
@@ -73,11 +74,15 @@ def test_a_small_file_is_decompressed_once_per_version(tmp_path, monkeypatch):
     original = h5py.Dataset.__getitem__
     monkeypatch.setattr(h5py.Dataset, "__getitem__",
                         lambda self, where: reads.append(where) or original(self, where))
-    with FeatureFile(path) as f:
+    with FeatureFile(path) as f, warnings.catch_warnings():
+        warnings.simplefilter("error")                    # (torch reads the kept copy quietly)
         block = f.read(slice(2, 5), dtype=None)
         block[:] = 0                                      # the caller's own array
         assert np.array_equal(f.read(slice(2, 5), dtype=None), data[2:5])
         assert np.array_equal(f.read(np.array([9, 0, 9])), data[[9, 0, 9]].astype(np.float32))
+        converted = f.read(slice(0, 10))
+        converted[:] = 0
+        assert np.array_equal(f.read(slice(0, 10)), data.astype(np.float32))
     assert np.array_equal(read_features(path, rows=[3, 1]), data[[3, 1]].astype(np.float32))
     assert len(reads) == 1
     replaced = tmp_path / "g.h5"
@@ -151,6 +156,14 @@ def test_nan_and_inf_are_counted(tmp_path):
     write_features(str(tmp_path / "f.h5"), data)
     with pytest.raises(DataError, match=r"4 NaN/Inf values in 2 videos \(first at row 1\)"):
         read_features(str(tmp_path / "f.h5"))
+    # blocks are checked in the dtype they are stored in (the value check of a whole file)
+    with pytest.raises(DataError, match=r"4 NaN/Inf values in 2 videos \(first at row 1\)"):
+        check_finite(data.astype(np.float16), "f.h5")
+    big = np.ones((3, 2, 3))
+    big[2, 1, 1] = 1e39                                   # finite in float64, inf in float32
+    with pytest.raises(DataError, match=r"1 values beyond ±1e\+06 in 1 videos \(first at row 2"):
+        check_finite(big, "f.h5")
+    check_finite(np.full((2, 2, 3), 65504, dtype=np.float16), "f.h5")   # float16's largest
 
 
 def test_labels_v5_and_v73_and_errors(tmp_path):
