@@ -175,7 +175,10 @@ class TrainStep:
         Triton kernels and the optimizer's state are set up lazily, and not during a capture);
         then every tensor a step changes is put back as it was, so that those steps leave no
         trace. Every step of the run is then a replay, and a resumed run replays exactly what an
-        uninterrupted one did (an eager step can differ from its replay in the last bits)."""
+        uninterrupted one did (an eager step can differ from its replay in the last bits).
+
+        A generator: it yields after each eager step and each capture, so that other runs on the
+        GPU can step in between (exhaust it to capture everything at once)."""
         if torch.cuda.current_stream() == torch.cuda.default_stream():
             raise RuntimeError("TrainStep with CUDA graphs runs on a stream of its own (the "
                                "eager steps before a capture must not be on the default one)")
@@ -183,6 +186,7 @@ class TrainStep:
         for inputs, smoothing_beta in examples:
             for _ in range(self.EAGER_STEPS_BEFORE_CAPTURE):
                 self._eager(inputs, smoothing_beta)
+                yield
         with torch.no_grad():
             for t in self._state_tensors():
                 if id(t) in before:
@@ -192,6 +196,7 @@ class TrainStep:
         for inputs, smoothing_beta in examples:
             key = (smoothing_beta is not None, len(inputs.index))
             self.graphs[key] = self._capture(inputs, smoothing_beta)
+            yield
 
     def _state_tensors(self):
         """Every tensor a step changes: weights and buffers, the optimizer's state (the step
@@ -208,12 +213,17 @@ class TrainStep:
                                                    inputs.path_noise)))
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        # captured on the run's own stream: a capture stream taken from torch's pool of streams
-        # can be another run's stream, and the cuBLAS workspace made for it during the capture
-        # (kept per stream, in this graph's memory) would then be shared by two runs at once
-        size, stream = len(inputs.index), torch.cuda.current_stream()
-        with torch.cuda.graph(graph, pool=self.pools.get(size), stream=stream):
+        # captured on the run's own stream (the current one): a capture stream taken from torch's
+        # pool of streams can be another run's stream, and the cuBLAS workspace made for it
+        # during the capture (kept per stream, in this graph's memory) would then be shared by
+        # two runs at once. capture_begin/end, not the torch.cuda.graph context, which first
+        # synchronises the whole device: the other runs' steps stay on the GPU meanwhile.
+        size = len(inputs.index)
+        graph.capture_begin(pool=self.pools.get(size))
+        try:
             outputs = self._eager(static, smoothing_beta)
+        finally:
+            graph.capture_end()
         self.pools[size] = graph.pool()
         return graph, static, outputs
 

@@ -106,6 +106,7 @@ class Run:
     saved_epoch: Optional[int] = None            # epoch of the last last.pth submitted
     epochs_done: int = 0
     concurrent_runs: int = 1                     # runs this process steps beside it, itself too
+    captured: bool = False                       # its CUDA graphs are captured (or it has none)
     timing: dict = field(default_factory=dict)   # seconds of the set-up's phases, first epoch
     prefix: str = ""                             # console prefix when several runs train
     shard: object = None                         # optim.distributed.Shard, several processes
@@ -221,7 +222,8 @@ def setup_run(cfg, run_dir, run_id, fingerprint, shared=None, shard=None, device
     return Run(cfg, run_dir, device, model, criterion, optimizer, label_table, step,
                sets["test"], sets.get(t.select), sets.get(t.monitor), len(videos), run_id,
                fingerprint, {**status, **digests}, RunLog(run_dir, writes), stream,
-               last_save=time.monotonic(), timing=clock.laps, shard=shard)
+               last_save=time.monotonic(), captured=not step.use_graphs, timing=clock.laps,
+               shard=shard)
 
 
 class _Clock:
@@ -381,10 +383,15 @@ def fit(run, writer, stop):
     the epoch in progress, with a checkpoint)."""
     cfg = run.cfg
     if run.step.use_graphs:
-        began = time.perf_counter()
-        run.step.capture_graphs(step_examples(cfg, len(run.step.features), run.model.depth,
-                                              run.device, run.start_epoch))
-        run.timing["graph capture"] = round(time.perf_counter() - began, 3)
+        seconds, began = 0.0, time.perf_counter()
+        for _ in run.step.capture_graphs(step_examples(cfg, len(run.step.features),
+                                                       run.model.depth, run.device,
+                                                       run.start_epoch)):
+            seconds += time.perf_counter() - began
+            yield                           # other runs step between the eager steps and captures
+            began = time.perf_counter()
+        run.timing["graph capture"] = round(seconds, 3)
+        run.captured = True
     for epoch in range(run.start_epoch, cfg.train.num_epochs):
         set_epoch_lr(run.optimizer, cosine_lr(cfg, epoch))
         began = time.perf_counter()
@@ -501,10 +508,16 @@ def _check_device_memory(device, cuda):
 
 def _lockstep(runs, writer, stop, bar):
     """Step every run in turn, each on its own stream, until each has finished or stopped;
-    returns the results of the finished ones by run directory."""
-    active = {run.run_dir: (run, fit(run, writer, stop)) for run in runs}
-    results = {}
-    while active:
+    returns the results of the finished ones by run directory. Runs that use CUDA graphs join
+    one at a time: a run captures its graphs between the steps of those already training, whose
+    work keeps the GPU busy while the CPU captures. After a signal no run joins."""
+    waiting, active, results = list(runs), {}, {}
+    while waiting or active:
+        while waiting and not stop.requested and all(run.captured for run, _ in active.values()):
+            run = waiting.pop(0)
+            active[run.run_dir] = (run, fit(run, writer, stop))
+        if stop.requested:
+            waiting.clear()
         for run_dir, (run, steps) in list(active.items()):
             run.concurrent_runs = len(active)       # its epochs' seconds are shared with them
             with run.on_stream():
@@ -686,9 +699,9 @@ def _train_group(jobs, writer, progress, several, shared, shard=None):
                 run.log.close()
         if stop.requested:
             stopped = [run for run in runs if run.run_dir not in results]
-            raise Interrupted(stop.signal, f"interrupted by {stop.signal}: each run saved its "
-                                           f"last.pth after its current epoch; continue with: "
-                                           f"{_resume_command(stopped)}")
+            raise Interrupted(stop.signal, f"interrupted by {stop.signal}: each run that had "
+                                           f"started saved its last.pth after its current "
+                                           f"epoch; continue with: {_resume_command(stopped)}")
     return results
 
 

@@ -72,7 +72,8 @@ def _run_steps(step, optimizer, count=10):
         if step.use_graphs:
             examples = {(beta is not None, len(inputs.index)): (inputs, beta)
                         for inputs, beta in steps}
-            step.capture_graphs(list(examples.values()))
+            for _ in step.capture_graphs(list(examples.values())):
+                pass
         for i, (inputs, beta) in enumerate(steps):
             loss, _ = step(inputs, beta)
             losses.append(float(loss))

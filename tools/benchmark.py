@@ -198,9 +198,10 @@ def _rates(steps, models, features, phase_steps, batch, warmup_steps=5):
             with on(stream):
                 gen = epoch_generator(0, 0, DEVICE)
                 index = torch.arange(batch, device=DEVICE)
-                step.capture_graphs([(draw_step_inputs(index, cfg.max_frames,
-                                                       cfg.train.mask_ratio, model.depth, gen),
-                                      beta) for _, beta in phases])
+                examples = [(draw_step_inputs(index, cfg.max_frames, cfg.train.mask_ratio,
+                                              model.depth, gen), beta) for _, beta in phases]
+                for _ in step.capture_graphs(examples):
+                    pass
     rates = {}
     for phase, beta in phases:
         gens = [epoch_generator(i, 0, DEVICE) for i in range(len(steps))]
