@@ -197,6 +197,9 @@ class TrainStep:
             key = (smoothing_beta is not None, len(inputs.index))
             self.graphs[key] = self._capture(inputs, smoothing_beta)
             yield
+        # the eager steps' memory stays cached for this run's stream alone, which no longer
+        # allocates: give it back to the other runs
+        torch.cuda.empty_cache()
 
     def _state_tensors(self):
         """Every tensor a step changes: weights and buffers, the optimizer's state (the step

@@ -426,8 +426,9 @@ def select_and_test(run, writer):
     return run.test_set.evaluate(run.model, run.cfg, run.device)
 
 
-def report(run, result):
-    """results.json of the run; returns its contents."""
+def report(run, result, writer):
+    """results.json of the run, written by `writer` after the run's checkpoints (a results.json
+    on disk says they are there too); returns its contents."""
     cfg = run.cfg
     results = {"selection": cfg.train.select, "selected_epoch": run.best["epoch"],
                "selection_score_mAP@5": run.best["score"], "nbits": cfg.nbits,
@@ -435,19 +436,18 @@ def report(run, result):
                "epochs": cfg.train.num_epochs, "runtime": run.runtime(),
                "run_id": run.run_id, "config_fingerprint": run.fingerprint,
                "artifacts": run.artifacts, "timing": run.timing}
-    write_json(run.path("results.json"), results)
+    writer.submit(run.path("results.json"), results, write_json)
     return results
 
 
 def _finish(run, writer):
-    """Select, test and report a run whose last epoch is done; its checkpoints are written
-    before results.json says it is finished. The other processes of a run report nothing."""
+    """Select, test and report a run whose last epoch is done (the other processes of a run
+    report nothing). Nothing waits for the writes: the other runs keep training meanwhile."""
     if not run.writes:
         return None
     with run.on_stream():
         result = select_and_test(run, writer)
-    writer.wait()
-    results = report(run, result)
+    results = report(run, result, writer)
     run.say(f"finished: test mAP@{SELECT_METRIC} {result['mAP'][SELECT_METRIC]:.4f} "
             f"(selection: {run.cfg.train.select}, epoch {run.best['epoch']})")
     return results

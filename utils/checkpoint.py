@@ -43,8 +43,9 @@ def host_copy(value):
 
 class CheckpointWriter:
     """Writes checkpoints in one background thread, in the order they were submitted, each with
-    `save_checkpoint`; the caller hands over host copies, so training goes on meanwhile. An error
-    of a write is raised by the next `submit` or by `wait`."""
+    `save_checkpoint` (or the `write` given, for a file that must follow them); the caller hands
+    over host copies, so training goes on meanwhile. An error of a write is raised by the next
+    `submit` or by `wait`."""
 
     def __init__(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
@@ -56,9 +57,9 @@ class CheckpointWriter:
                 self._pending.remove(future)
                 future.result()
 
-    def submit(self, path, payload):
+    def submit(self, path, payload, write=save_checkpoint):
         self._raise_errors(block=False)
-        self._pending.append(self._pool.submit(save_checkpoint, path, payload))
+        self._pending.append(self._pool.submit(write, path, payload))
 
     def wait(self):
         """Wait until everything submitted is written; raise the first error of a write."""
