@@ -1,6 +1,8 @@
+import contextlib
 import json
 import math
 import os
+import types
 from pathlib import Path
 from unittest import mock
 
@@ -19,6 +21,7 @@ from optim.engine import make_views
 from optim.runner import NonFiniteLossError, resume_run, start_run
 from tests.conftest import DEMO_CONFIG, tiny_config
 from utils.checkpoint import load_checkpoint
+from utils.signals import StopRequest
 
 
 def dcl_by_formula(z1, z2, tau, tau_plus):
@@ -452,3 +455,52 @@ def test_resident_features_kept_across_calls_follow_their_file(tmp_path):
     again = runner._resident_features(train_set(cfg), cfg, "cpu", shared, torch.float32)
     assert not torch.equal(again, first)
     assert torch.equal(again, torch.from_numpy(train_set(cfg).load(cfg)))
+
+
+def _scheduled(monkeypatch, names, capture_pieces, signal_after=None):
+    """The (run, event) order in which runner._lockstep steps stand-in runs of `capture_pieces`
+    capture pieces each (0: no CUDA graphs) and three training steps; with `signal_after`, a
+    signal comes after that many events. Returns (events, results)."""
+    events, stop = [], StopRequest()
+
+    def fit(run, writer, stop_request):
+        for _ in range(capture_pieces):
+            events.append((run.run_dir, "capture"))
+            yield
+        run.captured = True
+        for _ in range(3):
+            events.append((run.run_dir, "step"))
+            if len(events) == signal_after:
+                stop.signal = "SIGTERM"
+            yield
+        return True
+
+    monkeypatch.setattr(runner, "fit", fit)
+    monkeypatch.setattr(runner, "_finish", lambda run, writer: f"results of {run.run_dir}")
+    runs = [types.SimpleNamespace(run_dir=name, captured=capture_pieces == 0, concurrent_runs=1,
+                                  epochs_done=0, on_stream=contextlib.nullcontext)
+            for name in names]
+    return events, runner._lockstep(runs, None, stop, None)
+
+
+def test_runs_with_cuda_graphs_join_one_at_a_time_and_capture_between_the_others_steps(
+        monkeypatch):
+    events, results = _scheduled(monkeypatch, "abc", capture_pieces=2)
+    assert results == {name: f"results of {name}" for name in "abc"}
+    for before, after in ("ab", "bc"):
+        last_capture = max(i for i, e in enumerate(events) if e == (before, "capture"))
+        first = min(i for i, e in enumerate(events) if e[0] == after)
+        assert first > last_capture                 # it joined once the one before had captured
+    captures = [i for i, e in enumerate(events) if e == ("b", "capture")]
+    assert ("a", "step") in events[captures[0]:captures[-1]]     # a trained while b captured
+
+
+def test_runs_without_cuda_graphs_join_together(monkeypatch):
+    events, _ = _scheduled(monkeypatch, "abc", capture_pieces=0)
+    assert events[:3] == [("a", "step"), ("b", "step"), ("c", "step")]
+
+
+def test_no_run_joins_after_a_signal(monkeypatch):
+    events, results = _scheduled(monkeypatch, "abc", capture_pieces=2, signal_after=3)
+    assert {run for run, _ in events} == {"a"}
+    assert list(results) == ["a"]
