@@ -16,8 +16,10 @@ end and when stopped by a signal; written in the background from a host copy), b
 selected model) and results.json (its test mAP@R, the selection rule, the artifacts, what ran).
 """
 import contextlib
+import errno
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -44,8 +46,8 @@ from utils.checkpoint import (RESUME_SPEC, CheckpointError, CheckpointWriter, ho
 from utils.config import config_fingerprint, plain_config, same_experiment
 from utils.device import resolve_device, return_freed_host_memory
 from utils.errors import Interrupted, UserError
-from utils.fileio import (dir_lock, file_identity, json_text, remove_stale_temporaries,
-                          write_json)
+from utils.fileio import (SPACE_MARGIN, dir_lock, file_identity, json_text,
+                          remove_stale_temporaries, write_json)
 from utils.log import get_logger, log_to_file
 from utils.seed import seed_everything
 from utils.signals import deferred_stop
@@ -54,6 +56,10 @@ logger = get_logger(__name__)
 
 SELECT_METRIC = 5          # model selection by mAP@5, as the authors' release
 RESIDENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What torch.save adds to a tensor's bytes (its zip record and pickled entry: about 300) and to
+# a file, rounded up
+CHECKPOINT_BYTES_PER_TENSOR = 512
+CHECKPOINT_BYTES_PER_FILE = 4096
 # GPU memory asked for beyond the measured need of the runs, for fragmentation and the graphs'
 # static inputs
 MEMORY_MARGIN = 1.25
@@ -506,6 +512,43 @@ def _check_device_memory(device, cuda):
                         f"(--concurrent {fits})")
 
 
+def _checkpoint_bytes(run):
+    """Upper estimates of the sizes of `run`'s best.pth (model and loss weights) and last.pth
+    (those, AdamW's two moments and the label table), from the tensors they hold."""
+    def size(tensors):
+        return sum(t.numel() * t.element_size() + CHECKPOINT_BYTES_PER_TENSOR for t in tensors)
+    best = size([*run.model.state_dict().values(), *run.criterion.state_dict().values()])
+    best += len(json_text(plain_config(run.cfg))) + CHECKPOINT_BYTES_PER_FILE
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    last = best + 2 * size(params) + size(run.label_table.state_dict().values())
+    return best, last
+
+
+def check_disk(runs):
+    """Before training: stop with one line when a file system lacks the room the runs'
+    checkpoints will take. A run holds best.pth and last.pth, and for a moment the next
+    last.pth beside the one it replaces; a resumed run's files are already there."""
+    need = {}
+    for run in runs:
+        if not run.writes:
+            continue
+        best, last = _checkpoint_bytes(run)
+        there = sum(os.path.getsize(run.path(name)) for name in ("best.pth", "last.pth")
+                    if os.path.isfile(run.path(name)))
+        device = os.stat(run.run_dir).st_dev
+        folders, total = need.get(device, ([], 0))
+        need[device] = (folders + [run.run_dir], total + max(0, best + 2 * last - there))
+    for folders, total in need.values():
+        free = shutil.disk_usage(folders[0]).free
+        if total + SPACE_MARGIN > free:
+            where = folders[0] if len(folders) == 1 else os.path.dirname(folders[0])
+            raise UserError(f"cannot write the checkpoints of {len(folders)} run"
+                            f"{'s' if len(folders) != 1 else ''} in {where}: "
+                            f"{os.strerror(errno.ENOSPC)} (they need about "
+                            f"{total / 2 ** 20:,.1f} MiB, and {SPACE_MARGIN / 2 ** 20:.0f} MiB "
+                            f"to spare; {free / 2 ** 20:,.1f} MiB are free)")
+
+
 def _lockstep(runs, writer, stop, bar):
     """Step every run in turn, each on its own stream, until each has finished or stopped;
     returns the results of the finished ones by run directory. Runs that use CUDA graphs join
@@ -671,6 +714,7 @@ def _train_group(jobs, writer, progress, several, shared, shard=None):
                     runs.append(_set_up(item, shared, several, shard,
                                         None if shard else placed[item.job.run_dir]))
             check_memory(runs)
+            check_disk(runs)
         except BaseException:
             for item in opened:
                 if item.job.record is None and writes:

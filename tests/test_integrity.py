@@ -177,6 +177,26 @@ def test_a_full_disk_is_one_line(data, capsys, tmp_path_factory):
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
 
 
+def test_runs_whose_checkpoints_will_not_fit_stop_before_training(data, capsys,
+                                                                   tmp_path_factory):
+    argv = ["--config", DEMO_CONFIG, "--no-progress", "--bits", "16", "32"]
+    with small_file_system(tmp_path_factory.mktemp("small"), "1m") as small:
+        code, err = run_script(train_script, [*argv, *options(data, f"work_dir={str(small)!r}")],
+                               capsys)
+        left = listing(small)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"cannot write the checkpoints of 2 runs in {small}: No space left" in err
+    assert left == []                                   # the fresh runs' folders are gone
+    # the figure is an upper estimate of the most the two runs hold at once: best.pth, last.pth
+    # and the next last.pth before it replaces the old one
+    estimate = float(err.split("they need about ")[1].split(" MiB")[0]) * 2 ** 20
+    assert run_script(train_script, [*argv, *options(data)], capsys)[0] == 0
+    held = sum(os.path.getsize(data / "runs" / f"demo_{bits}bits" / "best.pth")
+               + 2 * os.path.getsize(data / "runs" / f"demo_{bits}bits" / "last.pth")
+               for bits in (16, 32))
+    assert held <= estimate < 1.5 * held + 0.1 * 2 ** 20, (held, estimate)
+
+
 @pytest.mark.parametrize("content", [b"", b"\x00" * 100, np.random.default_rng(0).bytes(4000),
                                      b"PK\x03\x04" + np.random.default_rng(1).bytes(4000),
                                      "truncated"],

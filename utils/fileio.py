@@ -191,7 +191,8 @@ def ensure_space(path, nbytes):
     free = shutil.disk_usage(directory).free
     if free < nbytes + SPACE_MARGIN:
         raise UserError(f"cannot write {path}: {os.strerror(errno.ENOSPC)} (it needs "
-                        f"{nbytes / 2 ** 20:,.1f} MiB and {free / 2 ** 20:,.1f} MiB are free)")
+                        f"{nbytes / 2 ** 20:,.1f} MiB, and {SPACE_MARGIN / 2 ** 20:.0f} MiB to "
+                        f"spare; {free / 2 ** 20:,.1f} MiB are free)")
 
 
 def write_bytes(path, data):
