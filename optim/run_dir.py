@@ -67,6 +67,28 @@ def _foreign(run_dir):
     return foreign
 
 
+def is_run_directory(folder):
+    """A folder whose config.json is a saved run config: a run directory of this project."""
+    config = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config):
+        return False
+    try:
+        check_structure(read_json(config, "saved run config"), RECORD_SPEC, config)
+    except UserError:
+        return False
+    return True
+
+
+def check_outside_runs(path, what):
+    """Stop with one line when the output file `path` of a command would go into a run
+    directory: it holds its run's files only (a file of ours there would also stop a later
+    `--replace` of the run)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if is_run_directory(folder):
+        raise UserError(f"{what} {path} would go into the run directory {folder}, which holds "
+                        f"its run's files only; give another folder")
+
+
 def check_fresh(run_dir, replace):
     """Before any work: a fresh run may use `run_dir` only when it is missing or empty, or, when
     told to replace it, when it holds a run of this project and nothing else; its parent must be

@@ -319,6 +319,45 @@ def test_outputs_never_overwrite_an_input_or_an_existing_file(trained, tmp_path,
     assert (tmp_path / "mine.txt").read_text().startswith('{"query"')
 
 
+def test_outputs_never_go_into_a_run_directory(trained, tmp_path, capsys):
+    root, run_dir, _ = trained
+    from tools import extract as extract_tool
+    queries = str(root / "demo" / "demo_test_feats.h5")
+    index_tool.main(["build", "--run", str(run_dir), "--features", queries,
+                     "--out", str(tmp_path / "i.npz")])
+    (tmp_path / "videos").mkdir()
+    before = listing(run_dir)
+    for tool, argv in (
+            (search_tool, ["--index", str(tmp_path / "i.npz"), "--run", str(run_dir),
+                           "--features", queries, "--out", str(run_dir / "found.jsonl")]),
+            (index_tool, ["build", "--run", str(run_dir), "--features", queries,
+                          "--out", str(run_dir / "i.npz")]),
+            (extract_tool, [str(tmp_path / "videos"), "--out", str(run_dir / "set"),
+                            "--weights", "random"])):
+        code, err = run_script(tool, argv, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"would go into the run directory {run_dir}" in err, err
+    assert listing(run_dir) == before
+
+
+def test_a_features_file_already_in_the_index_is_not_added_again(trained, tmp_path, capsys):
+    root, run_dir, _ = trained
+    queries = str(root / "demo" / "demo_test_feats.h5")
+    index_tool.main(["build", "--run", str(run_dir), "--features", queries,
+                     "--out", str(tmp_path / "i.npz")])
+    (tmp_path / "copy.h5").write_bytes(open(queries, "rb").read())
+    before = (tmp_path / "i.npz").read_bytes()
+    for features in (queries, str(tmp_path / "copy.h5")):     # the same bytes by another name
+        code, err = run_script(index_tool, ["add", "--index", str(tmp_path / "i.npz"), "--run",
+                                            str(run_dir), "--features", features], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"already holds the videos of {features} (added from {queries}" in err, err
+    assert (tmp_path / "i.npz").read_bytes() == before
+    index_tool.main(["add", "--index", str(tmp_path / "i.npz"), "--run", str(run_dir),
+                     "--features", str(root / "demo" / "demo_train_feats.h5")])
+    assert CodeIndex.load(str(tmp_path / "i.npz")).meta["count"] == 16 + 48
+
+
 def test_extraction_never_overwrites_existing_features(tmp_path, capsys):
     from tools import extract as extract_tool
     (tmp_path / "videos").mkdir()

@@ -20,6 +20,7 @@ import torch
 
 from inference.extract import extract_features, weights_tag
 from model.backbones import FEATURE_SIZES, build_backbone
+from optim.run_dir import check_outside_runs
 from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -67,6 +68,7 @@ def main(argv=None):
                                           if args.labels_from_folders else [])
     for path in outputs:
         check_new_output(path, "output file", [args.weights], args.replace)
+        check_outside_runs(path, "output file")
     device = resolve_device(args.device)
     backbone = build_backbone(args.backbone, args.weights)
     logger.info(f"{args.backbone} ({args.weights} weights) on {device}, {args.frames} frames "

@@ -22,7 +22,7 @@ from inference.encode import encode_feature_file
 from inference.evaluate import load_model
 from inference.extract import read_names
 from inference.index import KINDS, CodeIndex, IndexFileError
-from optim.run_dir import read_run_config
+from optim.run_dir import check_outside_runs, read_run_config
 from utils.cli import command_parser, run_cli
 from utils.content_hash import file_sha256
 from utils.device import resolve_device
@@ -78,12 +78,19 @@ def main(argv=None):
         check_new_output(args.out, "index file", [args.features,
                                                   os.path.join(args.run, "best.pth")],
                          args.replace)
+        check_outside_runs(args.out, "index file")
+    digest = file_sha256(args.features, "features")
     if args.action == "add":
         index = CodeIndex.load(args.index)
         if index.meta["run_id"] != record["run_id"]:
             raise IndexFileError(f"{args.index} holds codes of run {index.meta['run_id']}; "
                                  f"{args.run} is run {record['run_id']}: codes of two models "
                                  f"cannot be compared")
+        added = [source["file"] for source in index.meta.get("sources", [])
+                 if source["sha256"] == digest]
+        if added:
+            raise UserError(f"{args.index} already holds the videos of {args.features} (added "
+                            f"from {added[0]}, the same bytes); each video would be in it twice")
     start = time.perf_counter()
     codes, names, attrs = run_codes(args.run, cfg, record, args.features, device)
     encoded = time.perf_counter()
@@ -98,8 +105,7 @@ def main(argv=None):
         out = args.index
     # what the index was made from, every byte of it: the features files, in the order added
     index.meta.setdefault("sources", []).append(
-        {"file": os.path.abspath(args.features), "sha256": file_sha256(args.features, "features"),
-         "videos": len(codes)})
+        {"file": os.path.abspath(args.features), "sha256": digest, "videos": len(codes)})
     index.save(out)
     logger.info(f"{out}: {index.meta['count']:,} videos, {index.meta['nbits']} bits, "
                 f"{index.meta['kind']} (encoded {len(codes):,} in {encoded - start:.1f}s, "

@@ -26,7 +26,7 @@ from inference.evaluate import load_model
 from inference.extract import read_names, video_features, weights_tag
 from inference.index import CodeIndex, IndexFileError
 from model.backbones import build_backbone
-from optim.run_dir import read_run_config
+from optim.run_dir import check_outside_runs, read_run_config
 from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -88,6 +88,7 @@ def main(argv=None):
         check_new_output(args.out, "--out file", [args.index, args.features, *(args.videos or []),
                                                   os.path.join(args.run, "best.pth")],
                          args.replace)
+        check_outside_runs(args.out, "--out file")
     device = resolve_device(args.device)
     index = CodeIndex.load(args.index)
     if args.nprobe is not None and index.meta["kind"] != "ivf":
