@@ -31,8 +31,9 @@ RUN_FILES = (CONFIG_FILE, "log.jsonl", "run.log", "last.pth", "best.pth", "resul
 SAFE_ON_RESUME = NON_RESULT_KEYS
 RECORD_SPEC = {"config": dict, "fingerprint": str, "run_id": str}
 LOG_SPEC = {"run_id": str, "epoch": int}
-RESULTS_SPEC = {"run_id": str, "selection": str, "nbits": int, "test_mAP": dict,
-                "runtime": dict}
+RESULTS_SPEC = {"run_id": str, "config_fingerprint": str, "selection": str, "nbits": int,
+                "epochs": int, "selected_epoch": int, "selection_score_mAP@5": (float, type(None)),
+                "test_mAP": dict, "runtime": dict}
 
 
 class RunDirError(UserError):
@@ -241,14 +242,27 @@ def finished_results(run_dir, record):
     results = check_structure(read_json(path, "results file"), RESULTS_SPEC, path)
     if results["run_id"] != record["run_id"]:
         raise RunDirError(f"{path} belongs to another run ({results['run_id']!r})")
+    # what the tables take from it must be what the run's config says it trained
+    config = record["config"]
+    for key, saved in (("config_fingerprint", record["fingerprint"]),
+                       ("nbits", config.get("nbits")),
+                       ("selection", config.get("train", {}).get("select")),
+                       ("epochs", config.get("train", {}).get("num_epochs"))):
+        if results[key] != saved:
+            raise RunDirError(f"{path} ['{key}'] is {results[key]!r}, but the run's "
+                              f"{CONFIG_FILE} says {saved!r}")
+    if not 1 <= results["selected_epoch"] <= results["epochs"]:
+        raise RunDirError(f"{path} ['selected_epoch']: expected an epoch in 1..{results['epochs']}"
+                          f", got {results['selected_epoch']}")
     # as a run that finishes now reports them: the cut-offs R as integers (JSON keeps strings)
     for key in ("test_mAP", "test_precision"):
         if key in results:
-            if not all(isinstance(r, str) and r.isdigit() for r in results[key]):
+            if not results[key] or not all(isinstance(r, str) and r.isdigit() and int(r) >= 1
+                                           for r in results[key]):
                 raise RunDirError(f"{path} ['{key}']: expected cut-offs R as keys, got "
                                   f"{sorted(results[key])!r}")
-            if not all(type(v) in (int, float) for v in results[key].values()):
-                raise RunDirError(f"{path} ['{key}']: expected a number for every cut-off, got "
-                                  f"{list(results[key].values())!r}")
+            if not all(type(v) in (int, float) and 0 <= v <= 1 for v in results[key].values()):
+                raise RunDirError(f"{path} ['{key}']: expected a number in [0, 1] for every "
+                                  f"cut-off, got {list(results[key].values())!r}")
             results[key] = {int(r): value for r, value in results[key].items()}
     return results

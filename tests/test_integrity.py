@@ -589,6 +589,17 @@ def test_command_line_lists_are_checked_before_any_work(data, capsys, script, ar
     assert listing(data) == before
 
 
+def _results(run_dir, **changes):
+    """Write a results.json of the run in `run_dir` as a finished run writes it, with `changes`."""
+    record = json.loads((run_dir / "config.json").read_text())
+    train = record["config"]["train"]
+    results = {"run_id": record["run_id"], "config_fingerprint": record["fingerprint"],
+               "selection": train["select"], "nbits": record["config"]["nbits"],
+               "epochs": train["num_epochs"], "selected_epoch": train["num_epochs"],
+               "selection_score_mAP@5": None, "test_mAP": {"5": 0.5}, "runtime": {}}
+    (run_dir / "results.json").write_text(json.dumps({**results, **changes}))
+
+
 def _damage(path, change):
     payload = torch.load(path, weights_only=True)
     change(payload)
@@ -603,14 +614,20 @@ def _damage(path, change):
      "preprocess_record.json: 'complete' must be bool, got str"),
     ("results.json", lambda run, demo: (run / "results.json").write_text('{"run_id": 3}'),
      "results.json: 'run_id' must be str, got int"),
-    ("results.json cut-offs", lambda run, demo: (run / "results.json").write_text(json.dumps(
-        {"run_id": json.loads((run / "config.json").read_text())["run_id"], "selection": "last",
-         "nbits": 16, "test_mAP": {"five": 0.5}, "runtime": {}})),
+    ("results.json cut-offs", lambda run, demo: _results(run, test_mAP={"five": 0.5}),
      "results.json ['test_mAP']: expected cut-offs R as keys, got ['five']"),
-    ("results.json values", lambda run, demo: (run / "results.json").write_text(json.dumps(
-        {"run_id": json.loads((run / "config.json").read_text())["run_id"], "selection": "last",
-         "nbits": 16, "test_mAP": {"5": "high"}, "runtime": {}})),
-     "results.json ['test_mAP']: expected a number for every cut-off, got ['high']"),
+    ("results.json values", lambda run, demo: _results(run, test_mAP={"5": "high"}),
+     "results.json ['test_mAP']: expected a number in [0, 1] for every cut-off, got ['high']"),
+    ("results.json mAP above 1", lambda run, demo: _results(run, test_mAP={"5": 1.5}),
+     "results.json ['test_mAP']: expected a number in [0, 1] for every cut-off, got [1.5]"),
+    ("results.json code length", lambda run, demo: _results(run, nbits=64),
+     "results.json ['nbits'] is 64, but the run's config.json says 16"),
+    ("results.json selection", lambda run, demo: _results(run, selection="test"),
+     "results.json ['selection'] is 'test', but the run's config.json says 'last'"),
+    ("results.json selected epoch", lambda run, demo: _results(run, selected_epoch=4),
+     "results.json ['selected_epoch']: expected an epoch in 1..3, got 4"),
+    ("results.json fingerprint", lambda run, demo: _results(run, config_fingerprint="0" * 16),
+     "results.json ['config_fingerprint'] is '0000000000000000', but the run's config.json"),
     ("log line", lambda run, demo: (run / "log.jsonl").write_text(
         (run / "log.jsonl").read_text().replace('"epoch": 1,', '"epoch": "1",', 1)),
      "log.jsonl: line 1: 'epoch' must be int, got str"),
