@@ -145,6 +145,10 @@ def read_run_config(run_dir, overrides=(), allowed=SAFE_ON_RESUME):
                           f"change what the run computes); only {', '.join(SAFE_ON_RESUME)} can")
     cfg, record, missing = load_saved_config(path, overrides)
     check_structure(record, RECORD_SPEC, path)
+    if record.get("inputs") is not None:
+        check_structure(record["inputs"], dict, path, "inputs")
+        for role, digest in record["inputs"].items():
+            check_structure(digest, {"path": str, "sha256": str}, path, f"inputs.{role}")
     if missing:
         logger.info(f"{path} was saved before the keys {', '.join(missing)} existed; they take "
                     f"their defaults, which compute what the run computed then")
@@ -161,8 +165,7 @@ def check_run_inputs(cfg, record):
                     f"wrote it); its inputs are not checked")
         return
     current = input_files(cfg)
-    for role, want in recorded.items():
-        check_structure(want, {"path": str, "sha256": str}, CONFIG_FILE, f"inputs.{role}")
+    for role, want in recorded.items():         # their structure: read_run_config
         path = current.get(role, want["path"])
         if file_sha256(path) != want["sha256"]:
             raise RunDirError(f"{path} is not the file this run started with (its content "

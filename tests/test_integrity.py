@@ -628,6 +628,12 @@ def _damage(path, change):
      "results.json ['selected_epoch']: expected an epoch in 1..3, got 4"),
     ("results.json fingerprint", lambda run, demo: _results(run, config_fingerprint="0" * 16),
      "results.json ['config_fingerprint'] is '0000000000000000', but the run's config.json"),
+    ("config.json inputs", lambda run, demo: (run / "config.json").write_text(json.dumps(
+        {**json.loads((run / "config.json").read_text()), "inputs": "none"})),
+     "config.json: 'inputs' must be dict, got str"),
+    ("config.json input digest", lambda run, demo: (run / "config.json").write_text(json.dumps(
+        {**json.loads((run / "config.json").read_text()), "inputs": {"train_feats": {}}})),
+     "config.json: 'inputs.train_feats.path' is missing"),
     ("log line", lambda run, demo: (run / "log.jsonl").write_text(
         (run / "log.jsonl").read_text().replace('"epoch": 1,', '"epoch": "1",', 1)),
      "log.jsonl: line 1: 'epoch' must be int, got str"),
