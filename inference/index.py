@@ -24,6 +24,7 @@ from utils.schema import check_structure
 KINDS = ("flat", "ivf", "hnsw")
 META_SPEC = {"run_id": str, "config_fingerprint": str, "nbits": int, "kind": str,
              "params": dict, "count": int}
+SOURCE_SPEC = {"file": str, "sha256": str, "videos": int}     # a features file it was made from
 
 
 class IndexFileError(UserError):
@@ -126,6 +127,11 @@ class CodeIndex:
         except ValueError:
             raise IndexFileError(f"{path}: its record is not JSON") from None
         check_structure(meta, META_SPEC, path)
+        if "sources" in meta:
+            check_structure(meta["sources"], [SOURCE_SPEC], path, "sources")
+        if meta["kind"] not in KINDS:
+            raise IndexFileError(f"{path}: its record names the kind {meta['kind']!r}, not one "
+                                 f"of {list(KINDS)}")
         try:
             index = faiss.deserialize_index_binary(blob)
         except RuntimeError as err:

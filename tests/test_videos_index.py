@@ -290,6 +290,33 @@ def test_a_damaged_index_or_features_file_is_one_line(trained, tmp_path, capsys,
     assert not (tmp_path / "new.npz").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"sources": "x"}, "'sources' must be a list, got str"),
+    ({"sources": [{"file": 1}]}, "'sources[0].file' must be str, got int"),
+    ({"kind": "lsh"}, "its record names the kind 'lsh'"),
+    ({"features": {"backbone": "vgg16", "weights": 3, "frames": 5}},
+     "'features.weights' must be str, got int"),
+    ({"features": {"backbone": "alexnet", "weights": "random", "frames": 5}},
+     "its record names features of backbone 'alexnet'"),
+], ids=["sources", "source", "kind", "weights", "backbone"])
+def test_a_damaged_index_record_is_one_line(trained, tmp_path, capsys, change, message):
+    root, run_dir, _ = trained
+    queries = str(root / "demo" / "demo_test_feats.h5")
+    index_tool.main(["build", "--run", str(run_dir), "--features", queries,
+                     "--out", str(tmp_path / "i.npz")])
+    stored = np.load(tmp_path / "i.npz", allow_pickle=False)
+    meta = {**json.loads(str(stored["meta"])), **change}
+    with open(tmp_path / "bad.npz", "wb") as f:
+        np.savez(f, faiss=stored["faiss"], names=stored["names"], meta=np.array(json.dumps(meta)))
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"not read: the record is checked first")
+    argv = (["--index", str(tmp_path / "bad.npz"), "--run", str(run_dir), "--videos",
+             str(tmp_path / "videos")] if "features" in change else
+            ["--index", str(tmp_path / "bad.npz"), "--run", str(run_dir), "--features", queries])
+    code, err = run_script(search_tool, argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "bad.npz" in err and message in err, err
+
+
 def test_outputs_never_overwrite_an_input_or_an_existing_file(trained, tmp_path, capsys):
     root, run_dir, _ = trained
     queries = tmp_path / "q.h5"

@@ -25,12 +25,13 @@ from inference.encode import encode, encode_feature_file
 from inference.evaluate import load_model
 from inference.extract import read_names, video_features, weights_tag
 from inference.index import CodeIndex, IndexFileError
-from model.backbones import build_backbone
+from model.backbones import FEATURE_SIZES, build_backbone
 from optim.run_dir import check_outside_runs, read_run_config
 from utils.cli import command_parser, run_cli
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.fileio import atomic_write_text, check_file, check_new_output
+from utils.schema import check_structure
 
 
 def parse_args(argv=None):
@@ -60,9 +61,15 @@ def query_features(args, index, device):
         names, _ = read_names(args.features)
         return names, args.features
     made = index.meta.get("features")
-    if not made or "backbone" not in made:
+    if not isinstance(made, dict) or "backbone" not in made:
         raise IndexFileError(f"{args.index} does not record how its features were made (they "
                              f"did not come from tools.extract); give the queries as --features")
+    check_structure(made, {"backbone": str, "weights": str, "frames": int}, args.index,
+                    "features")
+    if made["backbone"] not in FEATURE_SIZES or made["frames"] < 1:
+        raise IndexFileError(f"{args.index}: its record names features of backbone "
+                             f"{made['backbone']!r} and {made['frames']} frames; expected one of "
+                             f"{sorted(FEATURE_SIZES)} and at least 1 frame")
     weights = made["weights"]
     if weights.startswith("sha256:"):
         if not args.weights or weights_tag(args.weights) != weights:
