@@ -17,7 +17,7 @@ import os
 from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
 from inference.evaluate import evaluate_baselines, evaluate_checkpoint, format_table, save_codes
-from optim.run_dir import CONFIG_FILE, check_run_inputs, read_run_config
+from optim.run_dir import CONFIG_FILE, check_outside_runs, check_run_inputs, read_run_config
 from utils.cli import command_parser, run_cli
 from utils.config import build_config, check_code_lengths
 from utils.device import resolve_device
@@ -63,6 +63,8 @@ def resolve(args):
         # another run's directory, or this run's own scored differently: its files are the run's
         raise UserError(f"--out {args.out} is a run directory, and what is scored here is not "
                         f"that run as it was trained; give another folder")
+    if args.out and not os.path.isfile(os.path.join(args.out, CONFIG_FILE)):
+        check_outside_runs(args.out, "--out folder", folder=True)
     if args.run:
         # the run's config is data: reading it executes nothing from the run directory
         cfg, record = read_run_config(args.run, args.cfg_options, allowed=None)

@@ -80,14 +80,27 @@ def is_run_directory(folder):
     return True
 
 
-def check_outside_runs(path, what):
-    """Stop with one line when the output file `path` of a command would go into a run
-    directory: it holds its run's files only (a file of ours there would also stop a later
+def enclosing_run_directory(folder):
+    """The run directory that is `folder` or holds it at any depth, or None."""
+    folder = os.path.abspath(folder)
+    while True:
+        if is_run_directory(folder):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def check_outside_runs(path, what, folder=False):
+    """Stop with one line when the file or run directory `path` that a command would write
+    (with `folder`: a folder it would write files into) lies in a run directory, at any depth:
+    a run directory holds its run's files only (anything else there would also stop a later
     `--replace` of the run)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if is_run_directory(folder):
-        raise UserError(f"{what} {path} would go into the run directory {folder}, which holds "
-                        f"its run's files only; give another folder")
+    holder = enclosing_run_directory(path if folder else os.path.dirname(os.path.abspath(path)))
+    if holder is not None:
+        raise UserError(f"{what} {path} lies in the run directory {holder}, which holds its "
+                        f"run's files only; give another folder")
 
 
 def check_fresh(run_dir, replace):
@@ -108,6 +121,7 @@ def check_fresh(run_dir, replace):
             raise RunDirError(f"run directory {run_dir} holds files that are not a run of this "
                               f"project ({shown}); --replace empties only a run's own directory, "
                               f"so nothing was touched: choose another --work-dir")
+    check_outside_runs(run_dir, "run directory")
     writable_dir(os.path.dirname(os.path.abspath(run_dir)), "work directory", create=False)
 
 

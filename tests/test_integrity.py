@@ -725,6 +725,24 @@ def test_eval_never_writes_into_another_runs_directory(data, capsys):
     assert code == 0 and "eval.json" in os.listdir(second)
 
 
+def test_nothing_is_written_inside_a_run_directory(data, capsys):
+    from tools import paper
+    run_dir = _finished(data, capsys)
+    before = listing(run_dir)
+    for script, argv in (
+            (train_script, ["--config", DEMO_CONFIG, "--no-progress", "--work-dir",
+                            str(run_dir), *options(data)]),
+            (paper, ["main", "--config", DEMO_CONFIG, "--no-progress", "--seeds", "1", "--bits",
+                     "16", "--out", str(run_dir), *options(data)]),
+            (paper, ["main", "--config", DEMO_CONFIG, "--no-progress", "--seeds", "1", "--bits",
+                     "16", "--out", str(run_dir / "tables"), *options(data)]),
+            (eval_script, ["--run", str(run_dir), "--out", str(run_dir / "scores")])):
+        code, err = run_script(script, argv, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"lies in the run directory {run_dir}, which holds its run's files only" in err
+    assert listing(run_dir) == before
+
+
 
 def test_a_usage_error_is_one_line(capsys):
     from tools import paper, search

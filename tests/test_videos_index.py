@@ -363,7 +363,7 @@ def test_outputs_never_go_into_a_run_directory(trained, tmp_path, capsys):
                             "--weights", "random"])):
         code, err = run_script(tool, argv, capsys)
         assert code == 2 and err.count("\n") == 1, err
-        assert f"would go into the run directory {run_dir}" in err, err
+        assert f"lies in the run directory {run_dir}" in err, err
     assert listing(run_dir) == before
 
 

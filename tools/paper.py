@@ -30,7 +30,7 @@ from dataset.protocol import check_inputs
 from inference.baselines import baseline_codes
 from inference.evaluate import evaluate_baselines, evaluate_checkpoint, mean_pooled_sets
 from inference.metrics import precision_recall_by_radius, retrieval_metrics
-from optim.run_dir import CONFIG_FILE, read_log, read_run_config
+from optim.run_dir import CONFIG_FILE, check_outside_runs, read_log, read_run_config
 from optim.runner import plan_run, train_runs
 from utils.cli import CommandParser, run_cli
 from utils.config import (build_config, check_code_lengths, check_distinct, config_fingerprint,
@@ -915,6 +915,8 @@ def main(argv=None):
             check_distinct(values, option)
     if args.bits:
         check_code_lengths(args.bits)
+    # the tables and figures go into --out, the runs into --out/runs/
+    check_outside_runs(args.out or "work_dirs", "--out folder", folder=True)
     if args.experiment == "together":
         return run_together(list(dict.fromkeys(args.experiments)), args)
     transfer = args.experiment == "transfer"
