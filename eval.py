@@ -12,6 +12,10 @@ examples:
   python eval.py --config configs/S5VH/demo.py --method lsh itq   # baselines only
   python eval.py --config B.py --checkpoint A/best.pth --out transfer/   # A's model on B's data
 """
+if __name__ == "__main__":      # first: a signal during the imports below is one line too
+    from utils.cli import started
+    started()
+
 import os
 
 from dataset.demo import ensure_demo_data

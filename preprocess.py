@@ -13,6 +13,9 @@ examples:
   python preprocess.py --config configs/S5VH/ucf.py
   python preprocess.py --config configs/S5VH/ucf.py --cfg-options nbits=16 --force
 """
+if __name__ == "__main__":      # first: a signal during the imports below is one line too
+    from utils.cli import started
+    started()
 
 from dataset.demo import ensure_demo_data
 from dataset.preprocessing import preprocessed

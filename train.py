@@ -24,6 +24,10 @@ import time
 
 STARTED = time.perf_counter()       # before the imports below: start-up counts them
 
+if __name__ == "__main__":      # a signal during the imports below is one line too
+    from utils.cli import started
+    started()
+
 from dataset.demo import ensure_demo_data
 from dataset.protocol import check_inputs
 from inference.evaluate import evaluate_baselines, format_table

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -691,6 +692,33 @@ def test_a_signal_saves_and_gives_the_resume_command(data):
                 for d in (data / "full", data / name))
         for key in a["model"]:
             assert torch.equal(a["model"][key], b["model"][key]), (name, key)
+
+
+def _catches(pid, signum):
+    """Whether the process `pid` has a handler for `signum` (Linux: its SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_signal_during_the_imports_or_the_exit_is_one_line(data):
+    argv = ["train.py", "--config", DEMO_CONFIG, "--no-progress", *options(data)]
+    child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    while child.poll() is None and not _catches(child.pid, signal.SIGTERM):
+        time.sleep(0.002)                   # its first lines install the handler
+    child.send_signal(signal.SIGTERM)       # while torch and the library are imported
+    _, stderr = child.communicate(timeout=600)
+    assert child.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: interrupted by SIGTERM; the command had not started")
+    assert not (data / "runs").exists()
+    # the same signal once the command has ended, while the interpreter exits
+    ended = _killed("import atexit\natexit.register(os.kill, os.getpid(), signal.SIGTERM)",
+                    argv)
+    assert ended.returncode == 2 and ended.stderr.count("\n") == 1, ended.stderr
+    assert ended.stderr.startswith("error: interrupted by SIGTERM; the command had ended")
+    assert "s5vh (last)" in ended.stdout and (data / "runs" / "demo_16bits" / "results.json").exists()
 
 
 def test_eval_clears_the_leftovers_of_a_killed_eval(data, capsys):

@@ -20,6 +20,10 @@ table: 16/32/64 bits x seeds 1-3 in one `train.py` on 1 GPU and on N GPUs (round
   time, whether every run's test mAP is the same wherever it ran, and (with `one`) the nine
   runs together on one GPU against nine times the one run alone.
 """
+if __name__ == "__main__":      # first: a signal during the imports below is one line too
+    from utils.cli import started
+    started()
+
 import json
 import os
 import socket

@@ -3,6 +3,10 @@ folders, and compare every artifact bit for bit.
 
     python -m tools.determinism --config configs/S5VH/ucf_dev.py --bits 16 64 --out det.json
 """
+if __name__ == "__main__":      # first: a signal during the imports below is one line too
+    from utils.cli import started
+    started()
+
 import argparse
 import os
 import tempfile

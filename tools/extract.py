@@ -13,6 +13,10 @@ examples:
   python -m tools.extract data/videos/ucf --out data/myucf/train --labels-from-folders
   python -m tools.extract clips/ --out data/clips/all --backbone resnet50 --frames 30
 """
+if __name__ == "__main__":      # first: a signal during the imports below is one line too
+    from utils.cli import started
+    started()
+
 import os
 import time
 

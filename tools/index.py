@@ -13,6 +13,10 @@ examples:
   python -m tools.index add --index ucf.index.npz --run work_dirs/ucf_64bits \\
       --features data/more/more_feats.h5
 """
+if __name__ == "__main__":      # first: a signal during the imports below is one line too
+    from utils.cli import started
+    started()
+
 import os
 import time
 

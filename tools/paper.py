@@ -16,6 +16,10 @@ config is unchanged is reused, never retrained, so a second call (or `curves` an
 the selection rule. Runs of variants that change preprocessing write their hash centers under
 their own file names, so each regenerates only what it changes.
 """
+if __name__ == "__main__":      # first: a signal during the imports below is one line too
+    from utils.cli import started
+    started()
+
 import argparse
 import collections
 import itertools

@@ -12,6 +12,10 @@ examples:
       --features data/ucf/ucf_test_feats.h5 --k 20 --out results.jsonl
   python -m tools.search --index ucf.index.npz --run work_dirs/ucf_64bits --videos clip.mp4
 """
+if __name__ == "__main__":      # first: a signal during the imports below is one line too
+    from utils.cli import started
+    started()
+
 import csv
 import io
 import json

@@ -1,12 +1,13 @@
 """Entry-point wrapper: logging set up once; user errors and signals end with one line on stderr,
-exit code 2."""
+exit code 2. An entry script's first lines call `started()`, so that a signal during its imports
+ends it with one line too."""
 import argparse
 import shlex
 import sys
 
 from utils.errors import Interrupted, UserError
 from utils.log import setup_logging
-from utils.signals import handlers, raise_interrupted
+from utils.signals import exit_at_once, exits_at_once, handlers, install, raise_interrupted
 
 # An error message is one line of at most this many characters, whatever it quotes.
 MAX_MESSAGE = 600
@@ -51,11 +52,23 @@ def run_cli(main):
     loop finishes its epoch, saves and says how to resume) defers it, everything else unwinds
     through its `finally` blocks, so temporaries are removed and nothing half-written is left."""
     setup_logging()
-    with handlers(raise_interrupted):
-        try:
-            main()
-        except (UserError, Interrupted) as err:
-            # one write, so the lines of processes that share the stream never mix
-            sys.stderr.write(f"error: {one_line(err)}\n")
-            sys.stderr.flush()
-            sys.exit(2)
+    entry_script = exits_at_once()       # its first lines made a signal exit at once
+    try:
+        with handlers(raise_interrupted):
+            try:
+                main()
+            except (UserError, Interrupted) as err:
+                # one write, so the lines of processes that share the stream never mix
+                sys.stderr.write(f"error: {one_line(err)}\n")
+                sys.stderr.flush()
+                sys.exit(2)
+    finally:
+        if entry_script:    # the interpreter's exit may take a while; what is written is done
+            install(exit_at_once("the command had ended, and what it wrote is complete"))
+
+
+def started():
+    """An entry script's first call, before its imports (under `__main__` only: tests import the
+    scripts): until `run_cli` takes over, SIGINT or SIGTERM ends the process at once with one
+    line; nothing has been written by then."""
+    install(exit_at_once("the command had not started, and nothing was written"))
