@@ -26,7 +26,8 @@ from utils.cli import command_parser, run_cli
 from utils.config import build_config, check_code_lengths
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.fileio import dir_lock, remove_stale_temporaries, writable_dir, write_json
+from utils.fileio import (dir_lock, ensure_space, json_text, remove_stale_temporaries, writable_dir,
+                          write_json)
 
 OUTPUTS = ("eval.json", "codes.npz")
 
@@ -99,12 +100,14 @@ def main(argv=None):
         with dir_lock(out_dir, "output folder"):   # a run that is training holds its directory
             rows, codes = score(cfg, checkpoint, run_id, baselines, bits)
             remove_stale_temporaries(out_dir, names=OUTPUTS)
+            record = {"config": args.run or os.path.abspath(args.config),
+                      "checkpoint": checkpoint, "cfg_options": args.cfg_options, "results": rows}
+            # room for both files first: a full disk must not leave new codes beside old scores
+            ensure_space(os.path.join(out_dir, "eval.json"), len(json_text(record)) + sum(
+                c.nbytes for c in codes or ()))
             if codes is not None:
                 save_codes(os.path.join(out_dir, "codes.npz"), *codes)
-            write_json(os.path.join(out_dir, "eval.json"),
-                       {"config": args.run or os.path.abspath(args.config),
-                        "checkpoint": checkpoint, "cfg_options": args.cfg_options,
-                        "results": rows})
+            write_json(os.path.join(out_dir, "eval.json"), record)
     except BaseException:
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)

@@ -47,7 +47,7 @@ from utils.config import config_fingerprint, plain_config, same_experiment
 from utils.device import resolve_device, return_freed_host_memory
 from utils.errors import Interrupted, UserError
 from utils.fileio import (SPACE_MARGIN, dir_lock, file_identity, json_text,
-                          remove_stale_temporaries, write_json)
+                          remove_stale_temporaries, size_text, write_json)
 from utils.log import get_logger, log_to_file
 from utils.seed import seed_everything
 from utils.signals import deferred_stop
@@ -545,8 +545,8 @@ def check_disk(runs):
             raise UserError(f"cannot write the checkpoints of {len(folders)} run"
                             f"{'s' if len(folders) != 1 else ''} in {where}: "
                             f"{os.strerror(errno.ENOSPC)} (they need about "
-                            f"{total / 2 ** 20:,.1f} MiB, and {SPACE_MARGIN / 2 ** 20:.0f} MiB "
-                            f"to spare; {free / 2 ** 20:,.1f} MiB are free)")
+                            f"{size_text(total)}, and {size_text(SPACE_MARGIN)} to spare; "
+                            f"{size_text(free)} are free)")
 
 
 def _lockstep(runs, writer, stop, bar):

@@ -178,6 +178,16 @@ def test_a_full_disk_is_one_line(data, capsys, tmp_path_factory):
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
 
 
+def test_a_full_disk_leaves_no_scores_of_eval(data, capsys, tmp_path_factory):
+    run_dir = _finished(data, capsys)
+    with small_file_system(tmp_path_factory.mktemp("small"), "200k") as small:
+        code, err = run_script(eval_script, ["--run", str(run_dir), "--out",
+                                             str(small / "scores")], capsys)
+        left = listing(small)
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+    assert left == []          # neither codes.npz nor eval.json, nor the folder made for them
+
+
 def test_runs_whose_checkpoints_will_not_fit_stop_before_training(data, capsys,
                                                                    tmp_path_factory):
     argv = ["--config", DEMO_CONFIG, "--no-progress", "--bits", "16", "32"]

@@ -191,8 +191,15 @@ def ensure_space(path, nbytes):
     free = shutil.disk_usage(directory).free
     if free < nbytes + SPACE_MARGIN:
         raise UserError(f"cannot write {path}: {os.strerror(errno.ENOSPC)} (it needs "
-                        f"{nbytes / 2 ** 20:,.1f} MiB, and {SPACE_MARGIN / 2 ** 20:.0f} MiB to "
-                        f"spare; {free / 2 ** 20:,.1f} MiB are free)")
+                        f"{size_text(nbytes)}, and {size_text(SPACE_MARGIN)} to spare; "
+                        f"{size_text(free)} are free)")
+
+
+def size_text(nbytes):
+    """A byte count for a message: MiB, or KiB below a tenth of one."""
+    if nbytes < 2 ** 20 / 10:
+        return f"{nbytes / 2 ** 10:,.1f} KiB"
+    return f"{nbytes / 2 ** 20:,.1f} MiB"
 
 
 def write_bytes(path, data):
