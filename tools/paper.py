@@ -22,6 +22,7 @@ if __name__ == "__main__":      # first: a signal during the imports below is on
 
 import argparse
 import collections
+import io
 import itertools
 import os
 import statistics
@@ -41,7 +42,8 @@ from utils.config import (build_config, check_code_lengths, check_distinct, conf
                           same_experiment)
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.fileio import atomic_path, atomic_write_text, file_identity, write_json
+from utils.fileio import (atomic_path, atomic_write_text, ensure_space, file_identity, json_text,
+                          write_bytes)
 from utils.log import get_logger
 
 logger = get_logger("tools.paper")
@@ -105,6 +107,7 @@ class Experiment:
         self.concurrent, self.progress = concurrent, progress
         self.shared = None      # resident features kept across its trainings (run_together)
         self.codes = {}         # _codes by checkpoint and config, shared by run_together
+        self.figure = None      # {file name: PNG bytes} of add_figure, until write
 
     def cfg(self, *overrides, config=None):
         return build_config(config or self.config, [*self.options, *overrides])
@@ -130,18 +133,29 @@ class Experiment:
         return f"{what}{self.dataset}, {nbits} bits, selection: {self.select}"
 
     def write(self, payload, table):
+        """The experiment's outputs: NAME.json, NAME.md and the figure of `add_figure`. The room
+        for all of them is checked first, so a full disk leaves the earlier set as it was."""
         os.makedirs(self.out, exist_ok=True)
-        write_json(os.path.join(self.out, f"{self.name}.json"), payload)
-        atomic_write_text(os.path.join(self.out, f"{self.name}.md"), table + "\n")
+        texts = {f"{self.name}.json": json_text(payload) + "\n", f"{self.name}.md": table + "\n"}
+        figure = self.figure or {}
+        ensure_space(os.path.join(self.out, f"{self.name}.json"),
+                     sum(len(t.encode()) for t in texts.values()) + sum(map(len, figure.values())))
+        for name, data in figure.items():
+            write_bytes(os.path.join(self.out, name), data)
+        for name, text in texts.items():
+            atomic_write_text(os.path.join(self.out, name), text)
+        self.figure = None
         print(table)
 
-    def save_figure(self, fig):
-        """Write the figure beside the tables; returns its name (relative to the output)."""
+    def add_figure(self, fig):
+        """Render the figure, which `write` writes beside the tables; returns its file name
+        (relative to the output)."""
         import matplotlib.pyplot as plt
-        name = f"{self.name}.png"
-        with atomic_path(os.path.join(self.out, name)) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=120, format="png")
         plt.close(fig)
+        name = f"{self.name}.png"
+        self.figure = {name: buffer.getvalue()}
         return name
 
 
@@ -383,7 +397,7 @@ def run_convergence(exp, nbits, seeds, eval_every):
         curves[name] = {"label": label, "epochs": epochs,
                         "mAP": {k: [statistics.mean(s[e][k] for s in per_seed) for e in epochs]
                                 for k in CONVERGENCE_K}}
-    figure = exp.save_figure(convergence_figure(
+    figure = exp.add_figure(convergence_figure(
         curves, f"Convergence: {exp.title(nbits)}, {_seeds_text(seeds)}; a point is the test "
                 f"mAP of the model at that epoch (monitored every {eval_every} epochs, not "
                 f"selected)"))
@@ -493,7 +507,7 @@ def run_sweep(exp, nbits, seeds, grid, eval_every):
     default = next((r for r in rows if all(_get_key(base, k) == v
                                            for k, v in r["point"].items())), None)
     chosen = max(rows, key=lambda r: r["val_score"])
-    figure = exp.save_figure(sweep_figure(
+    figure = exp.add_figure(sweep_figure(
         grid, rows, default, chosen, f"Sweep on {exp.dataset}, {nbits} bits, selection: "
                                      f"{exp.select}, {_seeds_text(seeds)}; a point is the mean "
                                      f"over seeds (bars: std)"))
@@ -683,7 +697,7 @@ def run_curves(exp, nbits, seed, top_n):
         maps = retrieval_metrics(query, db, query_labels, db_labels, topk=tuple(top_n))["mAP"]
         pr = precision_recall_by_radius(query, db, query_labels, db_labels)
         curves[method] = {"N": list(top_n), "mAP": [maps[n] for n in top_n], **pr}
-    figure = exp.save_figure(curves_figure(curves, f"Test retrieval: {exp.title(nbits)}, "
+    figure = exp.add_figure(curves_figure(curves, f"Test retrieval: {exp.title(nbits)}, "
                                                    f"seed {seed}, {len(query_labels)} queries"))
     marks = [n for n in top_n if n in (5, 20, 40, 60, 80, 100)] or list(top_n)[:6]
     rows = [[m] + [f"{c['mAP'][c['N'].index(n)]:.4f}" for n in marks] for m, c in curves.items()]
@@ -707,7 +721,7 @@ def run_tsne(exp, nbits, seed):
         embedded = TSNE(n_components=2, perplexity=min(30.0, len(query) - 1.0), init="pca",
                         random_state=seed).fit_transform(query.astype(np.float32))
         points[method] = (embedded.tolist(), query.tolist())
-    figure = exp.save_figure(tsne_figure(
+    figure = exp.add_figure(tsne_figure(
         points, classes[keep], f"t-SNE of the query codes of classes {shown[0]}..{shown[-1]}: "
                                f"{exp.title(nbits)}, seed {seed}"))
     text = (f"t-SNE of {int(keep.sum())} query codes ({len(shown)} classes): "
