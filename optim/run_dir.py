@@ -59,12 +59,9 @@ def _foreign(run_dir):
         path = os.path.join(run_dir, name)
         if not _is_run_file(name) or os.path.islink(path) or not os.path.isfile(path):
             foreign.append(name)
-    config = os.path.join(run_dir, CONFIG_FILE)
-    if CONFIG_FILE not in foreign and os.path.isfile(config):
-        try:
-            check_structure(read_json(config, "saved run config"), RECORD_SPEC, config)
-        except UserError:
-            foreign.append(CONFIG_FILE)
+    if CONFIG_FILE not in foreign and os.path.isfile(os.path.join(run_dir, CONFIG_FILE)) \
+            and not is_run_directory(run_dir):
+        foreign.append(CONFIG_FILE)
     return foreign
 
 
