@@ -724,11 +724,15 @@ def test_a_signal_during_the_imports_or_the_exit_is_one_line(data):
     assert stderr.startswith("error: interrupted by SIGTERM; the command had not started")
     assert not (data / "runs").exists()
     # the same signal once the command has ended, while the interpreter exits
-    ended = _killed("import atexit\natexit.register(os.kill, os.getpid(), signal.SIGTERM)",
-                    argv)
+    at_exit = "import atexit\natexit.register(os.kill, os.getpid(), signal.SIGTERM)"
+    ended = _killed(at_exit, argv)
     assert ended.returncode == 2 and ended.stderr.count("\n") == 1, ended.stderr
     assert ended.stderr.startswith("error: interrupted by SIGTERM; the command had ended")
     assert "s5vh (last)" in ended.stdout and (data / "runs" / "demo_16bits" / "results.json").exists()
+    # a command that failed has said its one line (torchrun signals the processes left)
+    failed = _killed(at_exit, [*argv, "train.lr=-1"])
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith("error: config key 'train.lr' must be > 0")
 
 
 def test_eval_clears_the_leftovers_of_a_killed_eval(data, capsys):

@@ -53,18 +53,23 @@ def run_cli(main):
     through its `finally` blocks, so temporaries are removed and nothing half-written is left."""
     setup_logging()
     entry_script = exits_at_once()       # its first lines made a signal exit at once
+    failed = False
     try:
         with handlers(raise_interrupted):
             try:
                 main()
             except (UserError, Interrupted) as err:
+                failed = True
                 # one write, so the lines of processes that share the stream never mix
                 sys.stderr.write(f"error: {one_line(err)}\n")
                 sys.stderr.flush()
                 sys.exit(2)
     finally:
-        if entry_script:    # the interpreter's exit may take a while; what is written is done
-            install(exit_at_once("the command had ended, and what it wrote is complete"))
+        # the interpreter's exit may take a while (torchrun also signals the processes that
+        # are left when one fails); what is written is done, and a failure has said its line
+        if entry_script:
+            install(exit_at_once(None if failed else
+                                 "the command had ended, and what it wrote is complete"))
 
 
 def started():

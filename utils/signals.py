@@ -17,14 +17,17 @@ def raise_interrupted(signum, _frame):
 
 
 def exit_at_once(reason):
-    """A handler that ends the process on the spot: one line naming the signal and `reason`,
-    exit code 2. For the moments when nothing is being written, so nothing needs unwinding: an
-    entry script's imports, and its exit once the command has ended."""
+    """A handler that ends the process on the spot: one line naming the signal and `reason`
+    (none when `reason` is None: the command has said its line already), exit code 2. For the
+    moments when nothing is being written, so nothing needs unwinding: an entry script's
+    imports, and its exit once the command has ended."""
     def handler(signum, _frame):
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        os.write(2, f"error: interrupted by {signal.Signals(signum).name}; {reason}\n".encode())
+        if reason is not None:
+            os.write(2, f"error: interrupted by {signal.Signals(signum).name}; {reason}\n"
+                     .encode())
         os._exit(2)
     handler.exits_at_once = True
     return handler
