@@ -629,22 +629,6 @@ def _damage(path, change):
      "results.json ['test_mAP']: expected cut-offs R as keys, got ['five']"),
     ("results.json values", lambda run, demo: _results(run, test_mAP={"5": "high"}),
      "results.json ['test_mAP']: expected a number in [0, 1] for every cut-off, got ['high']"),
-    ("results.json mAP above 1", lambda run, demo: _results(run, test_mAP={"5": 1.5}),
-     "results.json ['test_mAP']: expected a number in [0, 1] for every cut-off, got [1.5]"),
-    ("results.json code length", lambda run, demo: _results(run, nbits=64),
-     "results.json ['nbits'] is 64, but the run's config.json says 16"),
-    ("results.json selection", lambda run, demo: _results(run, selection="test"),
-     "results.json ['selection'] is 'test', but the run's config.json says 'last'"),
-    ("results.json selected epoch", lambda run, demo: _results(run, selected_epoch=4),
-     "results.json ['selected_epoch']: expected an epoch in 1..3, got 4"),
-    ("results.json fingerprint", lambda run, demo: _results(run, config_fingerprint="0" * 16),
-     "results.json ['config_fingerprint'] is '0000000000000000', but the run's config.json"),
-    ("config.json inputs", lambda run, demo: (run / "config.json").write_text(json.dumps(
-        {**json.loads((run / "config.json").read_text()), "inputs": "none"})),
-     "config.json: 'inputs' must be dict, got str"),
-    ("config.json input digest", lambda run, demo: (run / "config.json").write_text(json.dumps(
-        {**json.loads((run / "config.json").read_text()), "inputs": {"train_feats": {}}})),
-     "config.json: 'inputs.train_feats.path' is missing"),
     ("log line", lambda run, demo: (run / "log.jsonl").write_text(
         (run / "log.jsonl").read_text().replace('"epoch": 1,', '"epoch": "1",', 1)),
      "log.jsonl: line 1: 'epoch' must be int, got str"),
@@ -669,6 +653,34 @@ def test_own_files_of_the_wrong_shape_are_one_line(data, capsys, name, damage, m
     damage(cut, data / "demo")
     code, err = run_script(train_script, ["--resume", str(cut)], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_run_records_that_disagree_with_the_run_are_one_line(data, capsys):
+    cut = _cut(data)
+    config = (cut / "config.json").read_text()
+    for damage, message in (
+            (lambda: _results(cut, test_mAP={"5": 1.5}),
+             "results.json ['test_mAP']: expected a number in [0, 1] for every cut-off, got [1.5]"),
+            (lambda: _results(cut, nbits=64),
+             "results.json ['nbits'] is 64, but the run's config.json says 16"),
+            (lambda: _results(cut, selection="test"),
+             "results.json ['selection'] is 'test', but the run's config.json says 'last'"),
+            (lambda: _results(cut, selected_epoch=4),
+             "results.json ['selected_epoch']: expected an epoch in 1..3, got 4"),
+            (lambda: _results(cut, config_fingerprint="0" * 16),
+             "results.json ['config_fingerprint'] is '0000000000000000', but the run's "
+             "config.json"),
+            (lambda: (cut / "config.json").write_text(json.dumps(
+                {**json.loads(config), "inputs": "none"})),
+             "config.json: 'inputs' must be dict, got str"),
+            (lambda: (cut / "config.json").write_text(json.dumps(
+                {**json.loads(config), "inputs": {"train_feats": {}}})),
+             "config.json: 'inputs.train_feats.path' is missing")):
+        (cut / "results.json").unlink(missing_ok=True)
+        (cut / "config.json").write_text(config)
+        damage()
+        code, err = run_script(train_script, ["--resume", str(cut)], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 KILL_WITH_SIGNAL_AFTER_EPOCH_2 = """
@@ -714,25 +726,28 @@ def _catches(pid, signum):
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_a_signal_during_the_imports_or_the_exit_is_one_line(data):
     argv = ["train.py", "--config", DEMO_CONFIG, "--no-progress", *options(data)]
-    child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    # once the command has ended, while the interpreter exits: after a run, and after a failure
+    # (torchrun signals the processes left when one fails), which has said its one line
+    at_exit = "import atexit\natexit.register(os.kill, os.getpid(), signal.SIGTERM)"
+    ended = _start_killed(at_exit, argv)
+    failed = _start_killed(at_exit, [*argv, "train.lr=-1"])
+    # while torch and the library are imported
+    child = subprocess.Popen([sys.executable, *argv, "--work-dir", str(data / "early")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while child.poll() is None and not _catches(child.pid, signal.SIGTERM):
         time.sleep(0.002)                   # its first lines install the handler
-    child.send_signal(signal.SIGTERM)       # while torch and the library are imported
+    child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=600)
     assert child.returncode == 2 and stderr.count("\n") == 1, stderr
     assert stderr.startswith("error: interrupted by SIGTERM; the command had not started")
-    assert not (data / "runs").exists()
-    # the same signal once the command has ended, while the interpreter exits
-    at_exit = "import atexit\natexit.register(os.kill, os.getpid(), signal.SIGTERM)"
-    ended = _killed(at_exit, argv)
-    assert ended.returncode == 2 and ended.stderr.count("\n") == 1, ended.stderr
-    assert ended.stderr.startswith("error: interrupted by SIGTERM; the command had ended")
-    assert "s5vh (last)" in ended.stdout and (data / "runs" / "demo_16bits" / "results.json").exists()
-    # a command that failed has said its one line (torchrun signals the processes left)
-    failed = _killed(at_exit, [*argv, "train.lr=-1"])
-    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
-    assert failed.stderr.startswith("error: config key 'train.lr' must be > 0")
+    assert not (data / "early").exists()
+    stdout, stderr = ended.communicate(timeout=600)
+    assert ended.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: interrupted by SIGTERM; the command had ended")
+    assert "s5vh (last)" in stdout and (data / "runs" / "demo_16bits" / "results.json").exists()
+    _, stderr = failed.communicate(timeout=600)
+    assert failed.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: config key 'train.lr' must be > 0")
 
 
 def test_eval_clears_the_leftovers_of_a_killed_eval(data, capsys):
